@@ -1,0 +1,22 @@
+"""eclip-kernels: fused kernels for ECLIP (instance-level vision-language pretraining, CVPR 2023).
+
+    import eclip_kernels as ek
+    out, ent = ek.slot_attention(q, k, v, mask=mask, return_entropy=True)
+    loss_r = ek.entropy_regularizer(ent, positive_index, num_tokens=mask.sum(1))
+
+See ``ek.available_backends()`` for what runs on this machine.
+"""
+
+from . import ops  # noqa: F401  (registers fake kernels and autograd of the operators)
+from .backends import BackendStatus, available_backends
+from .functional import entropy_regularizer, slot_attention, slot_attention_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus",
+    "available_backends",
+    "entropy_regularizer",
+    "slot_attention",
+    "slot_attention_weights",
+]

@@ -1,0 +1,62 @@
+"""Plain-PyTorch reference of every op: the oracle of the tests and the ``reference`` backend.
+
+Written for clarity, not speed: it materializes the (B, N, T) attention and lets autograd differentiate it.
+Computations run in the input dtype (run it on float64 inputs to get the oracle).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def slot_attention_weights(
+    q: torch.Tensor, k: torch.Tensor, scale: float, eps: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Column-normalized slot-attention weights A (B, N, T) (SPEC section 2).
+
+    ``M = softmax_t(scale * k q^T)`` (softmax over the T queries, per token), ``m = M + eps`` (0 on masked
+    tokens), ``A = m / sum_i m`` (weighted mean over tokens). Where a query's column sum is 0 (all tokens
+    masked), A is 0.
+    """
+    logits = torch.einsum("bnd,btd->bnt", k, q) * scale
+    m = logits.softmax(dim=-1) + eps
+    if mask is not None:
+        m = torch.where(mask[:, :, None], m, torch.zeros((), dtype=m.dtype, device=m.device))
+    col_sum = m.sum(dim=1, keepdim=True)
+    safe_sum = torch.where(col_sum > 0, col_sum, torch.ones((), dtype=m.dtype, device=m.device))
+    return m / safe_sum
+
+
+def slot_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    eps: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot attention output (B, T, Dv) and per-query entropy (B, T) of A over the tokens.
+
+    ``out[b, t] = sum_i A[b, i, t] v[b, i]``, ``ent[b, t] = -sum_i A log A`` with 0 log 0 = 0.
+    """
+    attn = slot_attention_weights(q, k, scale, eps, mask)
+    out = torch.einsum("bnt,bnv->btv", attn, v)
+    # 0 log 0 = 0 with a finite gradient: log is only taken of positive entries.
+    positive = attn > 0
+    safe_attn = torch.where(positive, attn, torch.ones((), dtype=attn.dtype, device=attn.device))
+    ent = -torch.where(positive, attn * torch.log(safe_attn), torch.zeros_like(attn)).sum(dim=1)
+    return out, ent
+
+
+def entropy_regularizer(
+    ent: torch.Tensor, positive_index: torch.Tensor, num_tokens: torch.Tensor | None
+) -> torch.Tensor:
+    """ECLIP Eq. 10 from per-query entropies ent (B, T); see :func:`eclip_kernels.entropy_regularizer`."""
+    is_positive = torch.zeros_like(ent, dtype=torch.bool)
+    is_positive.scatter_(1, positive_index[:, None], True)
+    per_query = torch.where(is_positive, ent, -ent)
+    if num_tokens is not None:
+        # A sample with no valid token contributes log 1 = 0 (its entropies are 0 too).
+        log_n = torch.log(num_tokens.to(ent.dtype).clamp_min(1))[:, None]
+        per_query = per_query + torch.where(is_positive, torch.zeros_like(ent), log_n)
+    return per_query.sum(dim=1).mean()

@@ -1,0 +1,469 @@
+"""Triton forward / backward kernels of the fused slot-attention op.
+
+The math, dtypes and edge cases follow the project's slot-attention contract
+(softmax over the T queries per token, m = M + eps, A = m / S, out = A^T v,
+ent = log S - (1/S) sum m log m).  Nothing of size B x N x T is written to
+memory: both kernels walk the tokens once in tiles of BLOCK_N tokens and keep
+every (token tile) x T quantity in registers.
+
+Forward, grid (B, cdiv(Dv, BLOCK_DV)):
+    each program owns one sample and one BLOCK_DV slice of the value dim.  For
+    every token tile it builds logits (BLOCK_N x BLOCK_T) with tl.dot, looping
+    over D in BLOCK_D chunks, takes the per-token log-sum-exp over the queries,
+    forms M and m, and accumulates S, sum m log m and the un-normalised output
+    m^T v (BLOCK_T x BLOCK_DV) with tl.dot.  Programs on other Dv slices
+    recompute the same logits; only the slice-0 program writes ent, S and lse.
+
+Backward, grid (B, n_splits):
+    each program owns one sample and a contiguous range of token tiles.  It
+    recomputes M from q, k and the saved lse, uses the identity
+    c[t] = <g_out[t], out[t]> + g_ent[t] (ent[t] - 1) (= sum_i A dA) so no
+    extra pass over tokens is needed, and writes dk and dv of its tokens
+    directly.  dq is a reduction over tokens, see the comment in the kernel.
+
+All accumulation is float32 (float64 for float64 inputs).  fp16 / bf16 tiles
+are fed to tl.dot in the input dtype (probabilities cast down, as
+FlashAttention does) with float32 accumulators; float32 tiles use
+input_precision="ieee" so results match a float64 reference closely.
+"""
+
+from collections import namedtuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["slot_attention_fwd", "slot_attention_bwd"]
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_tile(q_base, k_base, rows, n_ok, offs_t, t_ok, offs_d, D,
+                 stride_qt, stride_qd, stride_kn, stride_kd,
+                 ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """<k[i], q[t]> for a tile of tokens (rows) and all queries, shape (BLOCK_N, BLOCK_T)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        d_ok = cols < D
+        k_tile = tl.load(k_base + rows[:, None] * stride_kn + cols[None, :] * stride_kd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        # q loaded transposed: (BLOCK_D, BLOCK_T)
+        q_tile = tl.load(q_base + offs_t[None, :] * stride_qt + cols[:, None] * stride_qd,
+                         mask=d_ok[:, None] & t_ok[None, :], other=0.0)
+        acc = tl.dot(k_tile, q_tile.to(k_tile.dtype), acc, input_precision="ieee", out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _token_valid(mask_base, rows, n_ok, stride_mn, HAS_MASK: tl.constexpr):
+    valid = n_ok
+    if HAS_MASK:
+        mv = tl.load(mask_base + rows * stride_mn, mask=n_ok, other=0)
+        valid = valid & (mv != 0)
+    return valid
+
+
+@triton.jit
+def _slot_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr,
+    out_ptr, ent_ptr, s_ptr, lse_ptr,
+    T, N, D, DV,
+    stride_qb, stride_qt, stride_qd,
+    stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_ob, stride_ot, stride_od,
+    scale, eps,
+    HAS_MASK: tl.constexpr, ACC: tl.constexpr, TINY: tl.constexpr, RESCALE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    b64 = pid_b.to(tl.int64)
+
+    q_base = q_ptr + b64 * stride_qb
+    k_base = k_ptr + b64 * stride_kb
+    v_base = v_ptr + b64 * stride_vb
+    mask_base = mask_ptr + b64 * stride_mb
+
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_ok = offs_v < DV
+    writes_stats = pid_v == 0
+
+    s_acc = tl.zeros((BLOCK_T,), dtype=ACC)        # S[t]
+    h_acc = tl.zeros((BLOCK_T,), dtype=ACC)        # sum_i m log m
+    o_acc = tl.zeros((BLOCK_T, BLOCK_DV), dtype=ACC)  # sum_i m v  (/ col_max if RESCALE)
+    col_max = tl.zeros((BLOCK_T,), dtype=ACC)       # running max_i m (RESCALE only)
+
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + offs_n
+        n_ok = rows < N
+        logits = _logits_tile(q_base, k_base, rows, n_ok, offs_t, t_ok, offs_d, D,
+                              stride_qt, stride_qd, stride_kn, stride_kd,
+                              ACC, BLOCK_N, BLOCK_T, BLOCK_D)
+        logits = tl.where(t_ok[None, :], logits * scale, float("-inf"))
+        # per-token log-sum-exp over the queries (t = 0 always exists, so the max is finite)
+        row_max = tl.max(logits, axis=1)
+        p_sum = tl.sum(tl.exp(logits - row_max[:, None]), axis=1)
+        lse = row_max + tl.log(p_sum)
+
+        valid = _token_valid(mask_base, rows, n_ok, stride_mn, HAS_MASK)
+        keep = valid[:, None] & t_ok[None, :]
+        big_m = tl.exp(logits - lse[:, None])
+        # M below the smallest normal float counts as underflowed (0), see _tiny
+        big_m = tl.where(keep & (big_m >= TINY), big_m, 0.0)
+        m = tl.where(keep, big_m + eps, 0.0)
+
+        s_acc += tl.sum(m, axis=0)
+        # 0 log 0 = 0: log is taken of 1 where m == 0
+        h_acc += tl.sum(m * tl.log(tl.where(m > 0, m, 1.0)), axis=0)
+
+        v_tile = tl.load(v_base + rows[:, None] * stride_vn + offs_v[None, :] * stride_vd,
+                         mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        if RESCALE:
+            # float16 operands: m is not normalised per query until the final
+            # division by S, and a query that no token picks (eps = 0, sharp
+            # logits) has all its m far below float16's range.  Keep a running
+            # per-query max of m and feed m / max (in [0, 1]) to tl.dot,
+            # rescaling the accumulator when the max grows.
+            new_max = tl.maximum(col_max, tl.max(m, axis=0))
+            inv_max = tl.where(new_max > 0, 1.0 / tl.where(new_max > 0, new_max, 1.0), 0.0)
+            o_acc = o_acc * (col_max * inv_max)[:, None]
+            p = m * inv_max[None, :]
+            col_max = new_max
+        else:
+            p = m
+        o_acc = tl.dot(tl.trans(p.to(v_tile.dtype)), v_tile, o_acc,
+                       input_precision="ieee", out_dtype=ACC)
+
+        tl.store(lse_ptr + b64 * N + rows, tl.where(valid, lse, 0.0).to(lse_ptr.dtype.element_ty),
+                 mask=n_ok & writes_stats)
+
+    s_pos = s_acc > 0
+    s_safe = tl.where(s_pos, s_acc, 1.0)
+    inv_s = tl.where(s_pos, 1.0 / s_safe, 0.0)
+    if RESCALE:
+        out = o_acc * (col_max * inv_s)[:, None]
+    else:
+        out = o_acc * inv_s[:, None]
+    ent = tl.where(s_pos, tl.log(s_safe) - h_acc * inv_s, 0.0)
+
+    o_ptrs = out_ptr + b64 * stride_ob + offs_t[:, None] * stride_ot + offs_v[None, :] * stride_od
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & v_ok[None, :])
+    tl.store(ent_ptr + b64 * T + offs_t, ent.to(ent_ptr.dtype.element_ty), mask=t_ok & writes_stats)
+    tl.store(s_ptr + b64 * T + offs_t, s_acc.to(s_ptr.dtype.element_ty), mask=t_ok & writes_stats)
+
+
+@triton.jit
+def _slot_attn_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr,
+    gout_ptr, gent_ptr, out_ptr, ent_ptr, s_ptr, lse_ptr,
+    dqp_ptr, dk_ptr, dv_ptr,
+    T, N, D, DV, tiles_per_split,
+    stride_qb, stride_qt, stride_qd,
+    stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_gb, stride_gt, stride_gd,
+    stride_ob, stride_ot, stride_od,
+    stride_dkb, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvd,
+    scale, eps,
+    HAS_MASK: tl.constexpr, ACC: tl.constexpr, TINY: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_batch = tl.num_programs(0)
+    b64 = pid_b.to(tl.int64)
+
+    q_base = q_ptr + b64 * stride_qb
+    k_base = k_ptr + b64 * stride_kb
+    v_base = v_ptr + b64 * stride_vb
+    mask_base = mask_ptr + b64 * stride_mb
+    g_base = gout_ptr + b64 * stride_gb
+    o_base = out_ptr + b64 * stride_ob
+    dk_base = dk_ptr + b64 * stride_dkb
+    dv_base = dv_ptr + b64 * stride_dvb
+    # dq partial slab owned by this (split, sample): contiguous (T, D) float32
+    dqp_base = dqp_ptr + (pid_s.to(tl.int64) * n_batch + b64) * T * D
+
+    offs_t = tl.arange(0, BLOCK_T)
+    t_ok = offs_t < T
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    # ---- per-query constants: S, log S, 1/S, g_ent and c = sum_i A dA (from forward outputs)
+    s_val = tl.load(s_ptr + b64 * T + offs_t, mask=t_ok, other=0.0).to(ACC)
+    s_pos = s_val > 0
+    s_safe = tl.where(s_pos, s_val, 1.0)
+    inv_s = tl.where(s_pos, 1.0 / s_safe, 0.0)
+    log_s = tl.log(s_safe)
+    g_ent = tl.load(gent_ptr + b64 * T + offs_t, mask=t_ok, other=0.0).to(ACC)
+    ent = tl.load(ent_ptr + b64 * T + offs_t, mask=t_ok, other=0.0).to(ACC)
+    c = g_ent * (ent - 1.0)
+    for e0 in range(0, DV, BLOCK_DV):
+        cols = e0 + offs_dv
+        msk = t_ok[:, None] & (cols < DV)[None, :]
+        g = tl.load(g_base + offs_t[:, None] * stride_gt + cols[None, :] * stride_gd, mask=msk, other=0.0)
+        o = tl.load(o_base + offs_t[:, None] * stride_ot + cols[None, :] * stride_od, mask=msk, other=0.0)
+        c += tl.sum(g.to(ACC) * o.to(ACC), axis=1)
+
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    tile_lo = pid_s * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
+
+    for tile in range(tile_lo, tile_hi):
+        rows = tile * BLOCK_N + offs_n
+        n_ok = rows < N
+        logits = _logits_tile(q_base, k_base, rows, n_ok, offs_t, t_ok, offs_d, D,
+                              stride_qt, stride_qd, stride_kn, stride_kd,
+                              ACC, BLOCK_N, BLOCK_T, BLOCK_D)
+        # gv[i, t] = <g_out[t], v[i]>
+        gv = tl.zeros((BLOCK_N, BLOCK_T), dtype=ACC)
+        for e0 in range(0, DV, BLOCK_DV):
+            cols = e0 + offs_dv
+            e_ok = cols < DV
+            v_tile = tl.load(v_base + rows[:, None] * stride_vn + cols[None, :] * stride_vd,
+                             mask=n_ok[:, None] & e_ok[None, :], other=0.0)
+            g_t = tl.load(g_base + offs_t[None, :] * stride_gt + cols[:, None] * stride_gd,
+                          mask=e_ok[:, None] & t_ok[None, :], other=0.0)
+            gv = tl.dot(v_tile, g_t.to(v_tile.dtype), gv, input_precision="ieee", out_dtype=ACC)
+
+        lse = tl.load(lse_ptr + b64 * N + rows, mask=n_ok, other=0.0).to(ACC)
+        valid = _token_valid(mask_base, rows, n_ok, stride_mn, HAS_MASK)
+        keep = valid[:, None] & t_ok[None, :]
+        # M recomputed from the saved lse; zero on masked tokens / padded queries
+        big_m = tl.exp(tl.where(keep, logits * scale - lse[:, None], float("-inf")))
+        big_m = tl.where(big_m >= TINY, big_m, 0.0)   # same underflow rule as the forward
+        m = tl.where(keep, big_m + eps, 0.0)
+        # log A = log m - log S, replaced by 0 where m == 0 (its factor M is 0 there)
+        log_a = tl.where(m > 0, tl.log(tl.where(m > 0, m, 1.0)) - log_s[None, :], 0.0)
+        d_a = gv - g_ent[None, :] * (log_a + 1.0)
+        # dm = (dA - c) / S can overflow for tiny S, but M / S <= 1 and m / S <= 1
+        # (S sums them), so the products are formed as (M / S) (dA - c) instead:
+        #   M dm = r (dA - c),  dlogit = M dm - M sum_t' M dm,  with r = M / S.
+        r = big_m * inv_s[None, :]
+        m_dm = tl.where(keep, r * (d_a - c[None, :]), 0.0)
+        d_logit = m_dm - big_m * tl.sum(m_dm, axis=1)[:, None]
+        a_mat = m * inv_s[None, :]
+
+        # dv[i] = sum_t A[i, t] g_out[t]
+        a_in = a_mat.to(v_ptr.dtype.element_ty)
+        for e0 in range(0, DV, BLOCK_DV):
+            cols = e0 + offs_dv
+            e_ok = cols < DV
+            g = tl.load(g_base + offs_t[:, None] * stride_gt + cols[None, :] * stride_gd,
+                        mask=t_ok[:, None] & e_ok[None, :], other=0.0)
+            dv_tile = tl.dot(a_in, g.to(a_in.dtype), input_precision="ieee", out_dtype=ACC)
+            tl.store(dv_base + rows[:, None] * stride_dvn + cols[None, :] * stride_dvd,
+                     dv_tile.to(dv_ptr.dtype.element_ty), mask=n_ok[:, None] & e_ok[None, :])
+
+        # dk[i] = scale sum_t dlogit q[t];  dq[t] += scale sum_i dlogit k[i]
+        #
+        # dq is a reduction over all N tokens.  Instead of float atomics (order
+        # dependent, so not bit-reproducible) every (split, sample) program owns
+        # a private float32 slab of shape (T, D) in a (n_splits, B, T, D) buffer
+        # and accumulates its token tiles into it (read-add-write; the first
+        # tile of the range skips the read).  The launcher sums the slabs over
+        # the split axis afterwards, which is deterministic.  n_splits is
+        # bounded by the launcher so the buffer stays ~ max(B, a few x #SMs) x T x D.
+        dl_in = (d_logit * scale).to(k_ptr.dtype.element_ty)
+        not_first = tile > tile_lo
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            d_ok = cols < D
+            q_tile = tl.load(q_base + offs_t[:, None] * stride_qt + cols[None, :] * stride_qd,
+                             mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            dk_tile = tl.dot(dl_in, q_tile.to(dl_in.dtype), input_precision="ieee", out_dtype=ACC)
+            tl.store(dk_base + rows[:, None] * stride_dkn + cols[None, :] * stride_dkd,
+                     dk_tile.to(dk_ptr.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+
+            k_tile = tl.load(k_base + rows[:, None] * stride_kn + cols[None, :] * stride_kd,
+                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            slab_ptrs = dqp_base + offs_t[:, None] * D + cols[None, :]
+            slab_msk = t_ok[:, None] & d_ok[None, :]
+            prev = tl.load(slab_ptrs, mask=slab_msk & not_first, other=0.0).to(ACC)
+            acc = tl.dot(tl.trans(dl_in), k_tile, prev, input_precision="ieee", out_dtype=ACC)
+            tl.store(slab_ptrs, acc.to(dqp_ptr.dtype.element_ty), mask=slab_msk)
+        # The slab is re-read on the next tile, possibly by other threads of
+        # this program than the ones that wrote it: make the writes visible.
+        tl.debug_barrier()
+
+
+# --------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------
+
+_Config = namedtuple(
+    "_Config",
+    "block_t block_d block_n_fwd block_dv_fwd warps_fwd block_n_bwd block_dv_bwd warps_bwd",
+)
+
+
+def _pick_config(T: int, D: int, Dv: int) -> _Config:
+    """Block sizes and warp counts of both kernels (every tl.dot dim >= 16)."""
+    block_t = max(16, triton.next_power_of_2(T))
+    block_d = min(64, max(16, triton.next_power_of_2(D)))
+    # forward: the program keeps a (BLOCK_T x BLOCK_DV) output accumulator;
+    # larger Dv is split across programs.
+    block_dv_fwd = min(128, max(16, triton.next_power_of_2(Dv)))
+    block_n_fwd = 64 if block_t <= 32 else 32
+    warps_fwd = 8 if block_t * block_dv_fwd >= 64 * 128 else 4
+    # backward: several (BLOCK_N x BLOCK_T) fp32 tiles live at once.
+    block_dv_bwd = min(64, max(16, triton.next_power_of_2(Dv)))
+    block_n_bwd = 64 if block_t <= 32 else 32
+    warps_bwd = 8 if block_t * block_n_bwd >= 64 * 64 else 4
+    return _Config(block_t, block_d, block_n_fwd, block_dv_fwd, warps_fwd,
+                   block_n_bwd, block_dv_bwd, warps_bwd)
+
+
+_SM_COUNT = {}
+
+
+def _target_programs(device: torch.device) -> int:
+    """Roughly how many programs keep the device busy (bounds the dq token splits)."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        return 2 * _SM_COUNT[idx]
+    return 8
+
+
+_MAX_SPLITS = 32
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    """Smallest normal number of the accumulation type.
+
+    M = exp(logit - lse) values below it are treated as underflowed to 0 in
+    both kernels (the contract's "M underflowed" case).  This keeps every
+    nonzero m, hence every nonzero S, a normal number, so 1/S stays finite and
+    the result does not depend on how a GPU handles subnormals.
+    """
+    return 2.0 ** -1022 if dtype == torch.float64 else 2.0 ** -126
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mask_args(mask, fallback):
+    if mask is None:
+        return fallback, 0, 0, False
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, m.stride(0), m.stride(1), True
+
+
+# --------------------------------------------------------------------------
+# Public launchers
+# --------------------------------------------------------------------------
+
+
+def slot_attention_fwd(q, k, v, mask, scale: float, eps: float):
+    """Returns (out (B,T,Dv) input dtype, ent (B,T) f32, S (B,T) f32, lse (B,N) f32)."""
+    B, T, D = q.shape
+    N = k.shape[1]
+    Dv = v.shape[2]
+    dev = q.device
+    sdt = _stat_dtype(q.dtype)
+    out = torch.empty((B, T, Dv), dtype=q.dtype, device=dev)
+    ent = torch.empty((B, T), dtype=sdt, device=dev)
+    S = torch.empty((B, T), dtype=sdt, device=dev)
+    lse = torch.empty((B, N), dtype=sdt, device=dev)
+    if B == 0 or T == 0:
+        lse.zero_()
+        return out, ent, S, lse
+
+    cfg = _pick_config(T, D, Dv)
+    mask_t, smb, smn, has_mask = _mask_args(mask, k)
+    grid = (B, max(1, triton.cdiv(Dv, cfg.block_dv_fwd)))
+    _slot_attn_fwd_kernel[grid](
+        q, k, v, mask_t,
+        out, ent, S, lse,
+        T, N, D, Dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        smb, smn,
+        out.stride(0), out.stride(1), out.stride(2),
+        float(scale), float(eps),
+        HAS_MASK=has_mask, ACC=_acc_dtype(q.dtype), TINY=_tiny(q.dtype),
+        RESCALE=q.dtype == torch.float16,
+        BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n_fwd,
+        BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv_fwd,
+        num_warps=cfg.warps_fwd,
+    )
+    return out, ent, S, lse
+
+
+def slot_attention_bwd(grad_out, grad_ent, q, k, v, mask, out, ent, S, lse, scale: float, eps: float):
+    """Returns (grad_q, grad_k, grad_v) in the input dtype."""
+    B, T, D = q.shape
+    N = k.shape[1]
+    Dv = v.shape[2]
+    dev = q.device
+    sdt = _stat_dtype(q.dtype)
+    grad_k = torch.empty((B, N, D), dtype=k.dtype, device=dev)
+    grad_v = torch.empty((B, N, Dv), dtype=v.dtype, device=dev)
+    if B == 0 or T == 0 or N == 0:
+        grad_k.zero_()
+        grad_v.zero_()
+        return torch.zeros_like(q), grad_k, grad_v
+
+    if grad_ent is None:
+        grad_ent = torch.zeros((B, T), dtype=sdt, device=dev)
+    # (B, T) sized, cheap to normalise
+    grad_ent = grad_ent.to(sdt).contiguous()
+    ent = ent.to(sdt).contiguous()
+    S = S.to(sdt).contiguous()
+    lse = lse.to(sdt).contiguous()
+
+    cfg = _pick_config(T, D, Dv)
+    n_tiles = triton.cdiv(N, cfg.block_n_bwd)
+    want = min(n_tiles, _MAX_SPLITS, max(1, triton.cdiv(_target_programs(dev), B)))
+    tiles_per_split = triton.cdiv(n_tiles, want)
+    n_splits = triton.cdiv(n_tiles, tiles_per_split)  # every split has >= 1 tile
+    dq_part = torch.empty((n_splits, B, T, D), dtype=sdt, device=dev)
+
+    mask_t, smb, smn, has_mask = _mask_args(mask, k)
+    grid = (B, n_splits)
+    _slot_attn_bwd_kernel[grid](
+        q, k, v, mask_t,
+        grad_out, grad_ent, out, ent, S, lse,
+        dq_part, grad_k, grad_v,
+        T, N, D, Dv, tiles_per_split,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        smb, smn,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        grad_k.stride(0), grad_k.stride(1), grad_k.stride(2),
+        grad_v.stride(0), grad_v.stride(1), grad_v.stride(2),
+        float(scale), float(eps),
+        HAS_MASK=has_mask, ACC=_acc_dtype(q.dtype), TINY=_tiny(q.dtype),
+        BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n_bwd,
+        BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv_bwd,
+        num_warps=cfg.warps_bwd,
+    )
+    grad_q = dq_part[0] if n_splits == 1 else dq_part.sum(dim=0)
+    return grad_q.to(q.dtype), grad_k, grad_v

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the test suites (uses $VENV, default .venv):
+#  1. pytest tests: everything, on the best CPU code path of this machine;
+#  2. the CPU kernel suite again on its lower instruction-set paths (AVX2, generic), which this machine
+#     would not otherwise take (ECLIP_KERNELS_CPU_ISA is read once per process);
+#  3. the Triton kernels through the Triton interpreter, in their own process (TRITON_INTERPRET=1 must be
+#     set before Triton is imported); on a machine with a GPU, step 1 already ran them on the GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${VENV:-.venv}/bin/python"
+"$PY" -m pytest tests -q
+for isa in avx2 generic; do
+  echo "== CPU kernels, ECLIP_KERNELS_CPU_ISA=$isa"
+  ECLIP_KERNELS_CPU_ISA=$isa "$PY" -m pytest tests/test_slot_attention.py -q -m "not slow"
+done
+echo "== Triton kernels, TRITON_INTERPRET=1"
+TRITON_INTERPRET=1 "$PY" -m pytest tests/test_slot_attention_triton.py -q

@@ -1,0 +1,143 @@
+"""Shared checks of the slot-attention op against the float64 reference, for every backend's test file.
+
+Tolerances:
+* float64: 1e-10 relative (both sides compute in float64; differences are summation order only).
+* float32: 1e-5 relative to max |reference| (the issue's bound; float32 accumulation over N <= 200 tokens
+  and D <= 64 features stays near 1e-6).
+* float16 / bfloat16: FlashAttention's rule: the error of the fused kernel against the float64 reference
+  may be at most 2x the error of PyTorch's own computation at that dtype (the reference backend run in
+  float16/bfloat16) on the same inputs, plus a floor of one unit in the last place of the output dtype
+  times max |reference| for outputs where PyTorch's error happens to be ~0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import eclip_kernels as ek
+
+FP32_RTOL = 1e-5
+FP64_RTOL = 1e-10
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# (B, N, T, D, Dv): N=1, T=1, N=197, T=7, T=64, D=33, Dv != D.
+SHAPES = [
+    (2, 1, 1, 8, 8),
+    (3, 197, 7, 33, 33),
+    (2, 37, 64, 16, 24),
+    (3, 50, 20, 33, 17),
+    (1, 5, 3, 4, 9),
+]
+
+
+def make_inputs(shape, dtype, device="cpu", masked=False, seed=0, logit_gain=2.0):
+    """Random q, k, v (and a random mask with one all-masked sample when masked and B > 1).
+
+    q is scaled by ``logit_gain`` so that the softmax over queries is far from uniform.
+    """
+    batch, num_tokens, num_queries, dim, dim_v = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(batch, num_queries, dim, generator=gen) * logit_gain).to(device=device, dtype=dtype)
+    k = torch.randn(batch, num_tokens, dim, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(batch, num_tokens, dim_v, generator=gen).to(device=device, dtype=dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, num_tokens, generator=gen) > 0.3
+        mask[:, 0] = True  # at least one valid token ...
+        if batch > 1:
+            mask[-1] = False  # ... except in the last sample, which is all masked
+        mask = mask.to(device)
+    return q, k, v, mask
+
+
+def upstream_grads(out_shape, ent_shape, seed=1, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(device)
+    grad_ent = torch.randn(ent_shape, generator=gen, dtype=torch.float64).to(device)
+    return grad_out, grad_ent
+
+
+def run(q, k, v, mask, backend, scale=None, eps=0.0, grads=None):
+    """Forward (out, ent) and, when grads=(grad_out, grad_ent) is given, (dq, dk, dv) via autograd."""
+    q, k, v = (t.detach().requires_grad_(grads is not None) for t in (q, k, v))
+    out, ent = ek.slot_attention(q, k, v, scale=scale, eps=eps, mask=mask, return_entropy=True, backend=backend)
+    if grads is None:
+        return out, ent, None
+    grad_out, grad_ent = grads
+    loss = (out * grad_out.to(out.dtype)).sum() + (ent * grad_ent.to(ent.dtype)).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    return out, ent, (dq, dk, dv)
+
+
+def oracle(q, k, v, mask, scale=None, eps=0.0, grads=None):
+    """The float64 reference on the same (rounded) inputs."""
+    return run(q.double(), k.double(), v.double(), mask, "reference", scale, eps, grads)
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual - expected| / max |expected| (expected = 0 compares absolute error)."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert torch.isfinite(actual).all(), "non-finite values"
+    denom = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return err / denom if denom > 0 else err
+
+
+def check_against_oracle(q, k, v, mask, backend, scale=None, eps=0.0, check_grads=True, vs_torch=False):
+    """Compare forward and gradients of a backend with the float64 reference, by the rules above.
+
+    vs_torch=True applies the low-precision rule (at most 2x PyTorch's own error at the input dtype) to
+    float32 too: for ill-conditioned inputs (huge logits), where rounding the inputs to float32 alone moves
+    the exact result by more than 1e-5.
+    """
+    dtype = q.dtype
+    grads = upstream_grads(q.shape[:2] + v.shape[2:], q.shape[:2], device=q.device) if check_grads else None
+    got = run(q, k, v, mask, backend, scale, eps, grads)
+    want = oracle(q, k, v, mask, scale, eps, grads)
+    names = ["out", "ent"]
+    got_list, want_list = [got[0], got[1]], [want[0], want[1]]
+    if check_grads:
+        names += ["dq", "dk", "dv"]
+        got_list += list(got[2])
+        want_list += list(want[2])
+
+    assert got[0].dtype == dtype and got[0].shape == want[0].shape
+    assert got[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+    if dtype in LOW_PRECISION or vs_torch:
+        torch_own = run(q, k, v, mask, "reference", scale, eps, grads)
+        torch_list = [torch_own[0], torch_own[1]] + (list(torch_own[2]) if check_grads else [])
+        # float32 keeps its 1e-5 bound as a floor; float16/bfloat16 get one ulp of the output dtype.
+        floor = torch.finfo(dtype).eps if dtype in LOW_PRECISION else FP32_RTOL
+        for name, a, t, w in zip(names, got_list, torch_list, want_list):
+            ours, theirs = rel_err(a, w), rel_err(t, w)
+            assert ours <= 2 * theirs + floor, f"{name}: error {ours:.3g} vs PyTorch {dtype} error {theirs:.3g}"
+    else:
+        rtol = FP64_RTOL if dtype == torch.float64 else FP32_RTOL
+        for name, a, w in zip(names, got_list, want_list):
+            err = rel_err(a, w)
+            assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
+    return got, want
+
+
+def non_contiguous(q, k, v):
+    """Same values as q, k, v, as non-contiguous views (transposed storage, strided slices)."""
+    q_nc = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k_nc = torch.cat([k, k], dim=2)[:, :, : k.shape[2]]
+    v_nc = v.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not k_nc.is_contiguous() and not v_nc.is_contiguous()
+    return q_nc, k_nc, v_nc
+
+
+def saved_tensor_shapes(fn, *args):
+    """Shapes of every tensor autograd saves while running fn(*args)."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return shapes
+

@@ -1,0 +1,123 @@
+"""slot_attention on the Triton backend against the float64 reference.
+
+On a CUDA GPU these run on the GPU. Without one they run on CPU tensors through the Triton interpreter,
+which needs TRITON_INTERPRET=1 before Triton is imported, so run them in their own pytest process:
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_slot_attention_triton.py
+
+The interpreter is slow: shapes stay small there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import eclip_kernels as ek
+from _helpers import SHAPES, check_against_oracle, make_inputs, non_contiguous, run, saved_tensor_shapes, upstream_grads
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    pytest.skip(
+        "Triton tests need a CUDA GPU or TRITON_INTERPRET=1 (run them in their own pytest process)",
+        allow_module_level=True,
+    )
+if not ek.available_backends()["triton"].usable:
+    pytest.skip(f"triton backend unusable: {ek.available_backends()['triton'].reason}", allow_module_level=True)
+
+
+
+def _interpreter_bf16_dot_is_exact() -> bool:
+    """Triton 3.8's interpreter multiplies the raw bits of bfloat16 operands in tl.dot (a 16x16 product
+    is off by ~1e10), so bfloat16 kernels can only be checked on a GPU there. Probe it rather than
+    assume a version."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot16(a_ptr, b_ptr, c_ptr):
+        r = tl.arange(0, 16)
+        offs = r[:, None] * 16 + r[None, :]
+        tl.store(c_ptr + offs, tl.dot(tl.load(a_ptr + offs), tl.load(b_ptr + offs)))
+
+    a, b = torch.randn(16, 16).bfloat16(), torch.randn(16, 16).bfloat16()
+    c = torch.empty(16, 16)
+    dot16[(1,)](a, b, c)
+    return torch.allclose(c, a.float() @ b.float(), atol=1e-3)
+
+
+BF16_SKIP = None
+if DEVICE == "cpu" and not _interpreter_bf16_dot_is_exact():
+    BF16_SKIP = "the Triton interpreter computes bfloat16 tl.dot wrongly (probed); bfloat16 runs on GPUs only"
+DTYPES = [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(BF16_SKIP is not None, reason=str(BF16_SKIP))),
+    torch.float16,
+]
+
+
+def _inputs(shape, dtype, masked, seed=0):
+    return make_inputs(shape, dtype, device=DEVICE, masked=masked, seed=seed)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-T{}-D{}-Dv{}".format(*s))
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_matches_float64_reference_fp32(shape, masked):
+    q, k, v, mask = _inputs(shape, torch.float32, masked, seed=sum(shape))
+    check_against_oracle(q, k, v, mask, "triton", eps=1e-3 if masked else 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2]], ids=["N197-T7-D33", "T64"])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_matches_float64_reference_all_dtypes(dtype, shape, eps):
+    q, k, v, mask = _inputs(shape, dtype, masked=True, seed=3)
+    check_against_oracle(q, k, v, mask, "triton", eps=eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    q, k, v, mask = _inputs((3, 41, 7, 33, 17), dtype, masked=True, seed=4)
+    q_nc, k_nc, v_nc = non_contiguous(q, k, v)
+    got, _ = check_against_oracle(q_nc, k_nc, v_nc, mask, "triton", eps=1e-3)
+    torch.testing.assert_close(got[0], run(q, k, v, mask, "triton", eps=1e-3)[0])
+
+
+def test_all_masked_sample_gives_zeros():
+    q, k, v, _ = _inputs((2, 9, 4, 6, 5), torch.float32, masked=False, seed=5)
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    grads = upstream_grads((2, 4, 5), (2, 4), device=DEVICE)
+    out, ent, (dq, dk, dv) = run(q, k, v, mask, "triton", eps=1e-3, grads=grads)
+    for t in (out[1], ent[1], dq[1], dk[1], dv[1]):
+        assert (t == 0).all()
+
+
+def test_softmax_underflow_with_eps_zero_is_finite():
+    q, k, v, mask = _inputs((2, 33, 7, 16, 8), torch.float32, masked=True, seed=8)
+    got, _ = check_against_oracle(q, k, v, mask, "triton", scale=12.0, eps=0.0, vs_torch=True)
+    for t in got[2]:
+        assert torch.isfinite(t).all()
+
+
+def test_backward_keeps_nothing_of_size_BxNxT():
+    batch, num_tokens, num_queries = 3, 29, 5
+    q, k, v, mask = _inputs((batch, num_tokens, num_queries, 11, 13), torch.float32, masked=True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    shapes = saved_tensor_shapes(
+        lambda: ek.slot_attention(q, k, v, mask=mask, return_entropy=True, backend="triton")
+    )
+    assert shapes and not any(num_tokens in s and num_queries in s for s in shapes), shapes
+
+
+def test_opcheck():
+    from eclip_kernels.ops import slot_attention as ops
+
+    q, k, v, mask = _inputs((2, 13, 5, 7, 6), torch.float32, masked=True, seed=10)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(ops.forward_op("triton"), (q, k, v, mask, 0.4, 1e-3))
