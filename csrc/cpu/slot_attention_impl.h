@@ -277,10 +277,14 @@ void load_transposed(const In* src, int64_t lds, int64_t nr, int64_t nc, S* dst,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// ka: C[t*TI + i] = sum_{d < Dn} XT[d*TI + i] * YT[d*ldy + t]; IV vectors of tokens x RT queries.
+// ka: C[t*TI + i] = sc * sum_{d < Dn} XT[d*TI + i] * YT[d*ldy + t]; IV vectors of tokens x RT queries.
+// The factor sc (the logit scale) multiplies the finished dot product, as PyTorch's scale * (k q^T) does.
+// It must not be folded into an operand: rounding sc * q to the working precision adds one rounding per
+// term, and with logits of magnitude ~100 the larger absolute logit error becomes a relative error of
+// the softmax (and, through near ties between queries, of dq and dk).
 
 template <class S, int IV, int RT>
-void ka_block(const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C) {
+void ka_block(const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C, S sc) {
   typedef typename VT<S>::V V;
   constexpr int L = VT<S>::L;
   V acc[RT][IV];
@@ -295,52 +299,106 @@ void ka_block(const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C) {
       for (int v = 0; v < IV; ++v) acc[t][v] += x[v] * yt;
     }
   }
+  const V scv = bcast(sc);
   for (int t = 0; t < RT; ++t)
-    for (int v = 0; v < IV; ++v) storeu(C + t * TI + v * L, acc[t][v]);
+    for (int v = 0; v < IV; ++v) storeu(C + t * TI + v * L, acc[t][v] * scv);
 }
 
 template <class S, int IV, int RT>
 struct KaRowTail {
-  static EK_INLINE void run(int64_t rem, const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C) {
+  static EK_INLINE void run(int64_t rem, const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C, S sc) {
     if (rem == RT)
-      ka_block<S, IV, RT>(XT, YT, ldy, Dn, C);
+      ka_block<S, IV, RT>(XT, YT, ldy, Dn, C, sc);
     else
-      KaRowTail<S, IV, RT - 1>::run(rem, XT, YT, ldy, Dn, C);
+      KaRowTail<S, IV, RT - 1>::run(rem, XT, YT, ldy, Dn, C, sc);
   }
 };
 template <class S, int IV>
 struct KaRowTail<S, IV, 0> {
-  static EK_INLINE void run(int64_t, const S*, const S*, int64_t, int64_t, S*) {}
+  static EK_INLINE void run(int64_t, const S*, const S*, int64_t, int64_t, S*, S) {}
 };
 
 template <class S, int IV>
-void ka_queries(const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C, int64_t nt) {
+void ka_queries(const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C, int64_t nt, S sc) {
   int64_t t0 = 0;
-  for (; t0 + EK_A_RT <= nt; t0 += EK_A_RT) ka_block<S, IV, EK_A_RT>(XT, YT + t0, ldy, Dn, C + t0 * TI);
-  KaRowTail<S, IV, EK_A_RT - 1>::run(nt - t0, XT, YT + t0, ldy, Dn, C + t0 * TI);
+  for (; t0 + EK_A_RT <= nt; t0 += EK_A_RT) ka_block<S, IV, EK_A_RT>(XT, YT + t0, ldy, Dn, C + t0 * TI, sc);
+  KaRowTail<S, IV, EK_A_RT - 1>::run(nt - t0, XT, YT + t0, ldy, Dn, C + t0 * TI, sc);
 }
 
 template <class S, int IV>
 struct KaVecTail {
-  static EK_INLINE void run(int64_t rem, const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C, int64_t nt) {
+  static EK_INLINE void run(int64_t rem, const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C, int64_t nt,
+                            S sc) {
     if (rem == IV)
-      ka_queries<S, IV>(XT, YT, ldy, Dn, C, nt);
+      ka_queries<S, IV>(XT, YT, ldy, Dn, C, nt, sc);
     else
-      KaVecTail<S, IV - 1>::run(rem, XT, YT, ldy, Dn, C, nt);
+      KaVecTail<S, IV - 1>::run(rem, XT, YT, ldy, Dn, C, nt, sc);
   }
 };
 template <class S>
 struct KaVecTail<S, 0> {
-  static EK_INLINE void run(int64_t, const S*, const S*, int64_t, int64_t, S*, int64_t) {}
+  static EK_INLINE void run(int64_t, const S*, const S*, int64_t, int64_t, S*, int64_t, S) {}
 };
 
 // nvec token vectors (nvec * L <= TI), nt queries.
 template <class S>
-void ka(const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C, int64_t nvec, int64_t nt) {
+void ka(const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C, int64_t nvec, int64_t nt, S sc) {
   constexpr int L = VT<S>::L;
   int64_t v0 = 0;
-  for (; v0 + EK_A_IV <= nvec; v0 += EK_A_IV) ka_queries<S, EK_A_IV>(XT + v0 * L, YT, ldy, Dn, C + v0 * L, nt);
-  KaVecTail<S, EK_A_IV - 1>::run(nvec - v0, XT + v0 * L, YT, ldy, Dn, C + v0 * L, nt);
+  for (; v0 + EK_A_IV <= nvec; v0 += EK_A_IV)
+    ka_queries<S, EK_A_IV>(XT + v0 * L, YT, ldy, Dn, C + v0 * L, nt, sc);
+  KaVecTail<S, EK_A_IV - 1>::run(nvec - v0, XT + v0 * L, YT, ldy, Dn, C + v0 * L, nt, sc);
+}
+
+// ka with float64 accumulation (float32 data): C[t*TI + i] = (float)(sc * sum_d (double)XT * (double)YT),
+// the logit rounded once (error <= 1/2 ulp instead of the ~|logit| * D * 2^-24 of float32 accumulation).
+template <class S>
+void ka_f64acc(const S* XT, const S* YT, int64_t ldy, int64_t Dn, S* C, int64_t nvec, int64_t nt, S sc) {
+  typedef typename VT<double>::V DV;
+  constexpr int LD = VT<double>::L;
+  typedef float HF __attribute__((vector_size(EK_VB / 2), aligned(4), may_alias));
+  constexpr int NV = 4;
+  const int64_t ntok = nvec * VT<S>::L;
+  for (int64_t t = 0; t < nt; ++t) {
+    for (int64_t i0 = 0; i0 < ntok; i0 += NV * LD) {
+      const int nb = (int)ek_min(NV, (ntok - i0) / LD);
+      DV acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = DV{};
+      for (int64_t d = 0; d < Dn; ++d) {
+        const DV y = bcast<double>((double)YT[d * ldy + t]);
+        const S* x = XT + d * TI + i0;
+        for (int v = 0; v < NV; ++v)
+          if (v < nb) acc[v] += __builtin_convertvector(*reinterpret_cast<const HF*>(x + v * LD), DV) * y;
+      }
+      for (int v = 0; v < NV; ++v)
+        if (v < nb)
+          for (int j = 0; j < LD; ++j) C[t * TI + i0 + v * LD + j] = (S)(acc[v][j] * (double)sc);
+    }
+  }
+}
+
+// Logits scale * <k_i, q_t> of one tile, computed identically by the forward and the backward (the backward
+// recomputes the softmax from them). float32: when some |logit| of the tile exceeds kPreciseLogit, the
+// absolute rounding error of a float32 dot product (~|logit| * 2^-24 per term) becomes a relative error of
+// the softmax weights that, near ties between queries, dq and dk amplify; such tiles are recomputed with
+// float64 accumulation. The decision depends only on the float32 logits, so both passes take the same path.
+template <class S>
+void tile_logits(const S* kT, const S* qT, int64_t T, int64_t D, S* C, int64_t nvec, S sc) {
+  typedef typename VT<S>::V V;
+  constexpr int L = VT<S>::L;
+  constexpr S kPreciseLogit = S(32);
+  ka<S>(kT, qT, T, D, C, nvec, T, sc);
+  if (!SameType<S, float>::value) return;
+  V amax = V{};
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t iv = 0; iv < nvec; ++iv) {
+      const V x = loadu(C + t * TI + iv * L);
+      const V ax = x < V{} ? -x : x;
+      amax = ax > amax ? ax : amax;
+    }
+  S m = S(0);
+  for (int j = 0; j < L; ++j) m = amax[j] > m ? amax[j] : m;
+  if (m > kPreciseLogit) ka_f64acc<S>(kT, qT, T, D, C, nvec, T, sc);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -475,7 +533,7 @@ void fwd_range(const eclip_kernels::cpu::SlotAttentionArgs& a, int64_t b0, int64
   S* lse = static_cast<S*>(a.lse);
 
   for (int64_t b = b0; b < b1; ++b) {
-    load_transposed(q + b * T * D, D, T, D, qT, T, T, scale);
+    load_transposed(q + b * T * D, D, T, D, qT, T, T, S(1));  // unscaled: ka applies the scale
     for (int64_t j = 0; j < T * L; ++j) Sacc[j] = Hacc[j] = S(0);
     for (int64_t j = 0; j < T * Dvp; ++j) oacc[j] = S(0);
 
@@ -498,7 +556,7 @@ void fwd_range(const eclip_kernels::cpu::SlotAttentionArgs& a, int64_t b0, int64
       const bool* mk = a.mask ? a.mask + b * N + i0 : nullptr;
       for (int64_t i = 0; i < nip; ++i) mtile[i] = (i < ni && (!mk || mk[i])) ? MI(1) : MI(0);
 
-      ka<S>(kT, qT, T, D, Lb, nv, T);
+      tile_logits<S>(kT, qT, T, D, Lb, nv, scale);  // logits = scale * <k, q>
 
       // Softmax over the queries of each token, m = M + eps, column sums and sum m log m.
       for (int64_t iv = 0; iv < nv; ++iv) {
@@ -603,7 +661,7 @@ void bwd_range(const eclip_kernels::cpu::SlotAttentionArgs& a, int64_t b0, int64
 
   for (int64_t b = b0; b < b1; ++b) {
     load_rows(q + b * T * D, D, T, D, qs, Dp, scale);
-    load_transposed(q + b * T * D, D, T, D, qT, T, T, scale);
+    load_transposed(q + b * T * D, D, T, D, qT, T, T, S(1));  // unscaled: ka applies the scale
     load_rows(gout + b * T * Dv, Dv, T, Dv, gp, Dvp, S(1));
     load_transposed(gout + b * T * Dv, Dv, T, Dv, gT, T, T, S(1));
     for (int64_t t = 0; t < T; ++t) {
@@ -652,8 +710,8 @@ void bwd_range(const eclip_kernels::cpu::SlotAttentionArgs& a, int64_t b0, int64
       const bool* mk = a.mask ? a.mask + b * N + i0 : nullptr;
       for (int64_t i = 0; i < nip; ++i) mtile[i] = (i < ni && (!mk || mk[i])) ? MI(1) : MI(0);
 
-      ka<S>(kT, qT, T, D, Mb, nv, T);   // scaled logits
-      ka<S>(vT, gT, T, Dv, Gb, nv, T);  // <g_out[t], v[i]>
+      tile_logits<S>(kT, qT, T, D, Mb, nv, scale);  // logits = scale * <k, q>, exactly as in the forward
+      ka<S>(vT, gT, T, Dv, Gb, nv, T, S(1));  // <g_out[t], v[i]>
 
       for (int64_t iv = 0; iv < nv; ++iv) {
         const int64_t o = iv * L;
