@@ -797,3 +797,12 @@ void bwd_entry(const eclip_kernels::cpu::SlotAttentionArgs& a, int64_t b0, int64
 #undef EK_INLINE
 
 }  // namespace
+
+// The parameters of this copy (defined by the includer) end here, so the next copy can set its own.
+#undef EK_VB
+#undef EK_A_IV
+#undef EK_A_RT
+#undef EK_B_RR_Q
+#undef EK_B_RR_I
+#undef EK_B_CV
+#undef EK_B_REGS

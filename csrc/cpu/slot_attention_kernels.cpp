@@ -22,14 +22,7 @@ namespace isa_generic {
 #define EK_B_RR_I 4
 #define EK_B_CV 3
 #define EK_B_REGS 12
-#include "slot_attention_impl.h"
-#undef EK_VB
-#undef EK_A_IV
-#undef EK_A_RT
-#undef EK_B_RR_Q
-#undef EK_B_RR_I
-#undef EK_B_CV
-#undef EK_B_REGS
+#include "slot_attention_impl.h"  // undefines the EK_ parameters
 }  // namespace isa_generic
 }  // namespace cpu
 }  // namespace eclip_kernels
@@ -49,14 +42,7 @@ namespace isa_avx2 {
 #define EK_B_RR_I 4
 #define EK_B_CV 3
 #define EK_B_REGS 12
-#include "slot_attention_impl.h"
-#undef EK_VB
-#undef EK_A_IV
-#undef EK_A_RT
-#undef EK_B_RR_Q
-#undef EK_B_RR_I
-#undef EK_B_CV
-#undef EK_B_REGS
+#include "slot_attention_impl.h"  // undefines the EK_ parameters
 }  // namespace isa_avx2
 }  // namespace cpu
 }  // namespace eclip_kernels
@@ -74,14 +60,7 @@ namespace isa_avx512 {
 #define EK_B_RR_I 4
 #define EK_B_CV 4
 #define EK_B_REGS 24
-#include "slot_attention_impl.h"
-#undef EK_VB
-#undef EK_A_IV
-#undef EK_A_RT
-#undef EK_B_RR_Q
-#undef EK_B_RR_I
-#undef EK_B_CV
-#undef EK_B_REGS
+#include "slot_attention_impl.h"  // undefines the EK_ parameters
 }  // namespace isa_avx512
 }  // namespace cpu
 }  // namespace eclip_kernels
