@@ -7,7 +7,7 @@
 See ``ek.available_backends()`` for what runs on this machine.
 """
 
-from . import ops  # noqa: F401  (registers fake kernels and autograd of the operators)
+from . import nn, ops  # noqa: F401  (ops registers fake kernels and autograd of the operators)
 from .backends import BackendStatus, available_backends
 from .functional import entropy_regularizer, slot_attention, slot_attention_weights
 
@@ -17,6 +17,7 @@ __all__ = [
     "BackendStatus",
     "available_backends",
     "entropy_regularizer",
+    "nn",
     "slot_attention",
     "slot_attention_weights",
 ]
