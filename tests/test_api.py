@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -164,3 +166,23 @@ def test_entropy_regularizer_gradient_sign():
 def test_entropy_regularizer_bad_input(args, error, message):
     with pytest.raises(error, match=message):
         ek.entropy_regularizer(*args)
+
+
+def test_package_works_without_the_extension():
+    # A None entry in sys.modules makes `import eclip_kernels._C` fail, as on a machine without the build.
+    code = (
+        "import sys; sys.modules['eclip_kernels._C'] = None\n"
+        "import torch, eclip_kernels as ek\n"
+        "status = ek.available_backends()\n"
+        "assert status['reference'].usable and not status['cpu'].usable, status\n"
+        "q, k, v = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 6)\n"
+        "assert ek.slot_attention(q, k, v).shape == (2, 3, 6)\n"
+        "assert ek.nn.SlotAttention(3, 4)(torch.randn(2, 5, 4)).shape == (2, 3, 4)\n"
+        "try:\n"
+        "    ek.slot_attention(q, k, v, backend='cpu')\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "backend 'cpu' is not available: eclip_kernels._C is not built" in result.stdout

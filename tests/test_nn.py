@@ -255,3 +255,25 @@ def test_instance_slot_attention_extras_and_shared_projection():
         hidden = direct.hidden
     with pytest.raises(ValueError, match="z is required"):
         layers[0](None, queries, hidden)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_instance_slot_attention_compiles_and_runs_under_autocast(backend):
+    torch.manual_seed(3)
+    layer = InstanceSlotAttention(16, eps=1e-8, backend=backend)
+    z, queries, hidden = torch.randn(2, 19, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    mask = torch.rand(2, 19) > 0.2
+
+    def step(z, queries, hidden):
+        out = layer(z, queries, hidden, mask=mask, return_entropy=True)
+        return out.hidden, out.entropy
+
+    compiled = torch.compile(step, fullgraph=True)
+    for got, want in zip(compiled(z, queries, hidden), step(z, queries, hidden)):
+        torch.testing.assert_close(got, want)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            h, ent = step(z, queries, hidden)
+        assert torch.isfinite(h).all() and torch.isfinite(ent).all()
+        assert rel_err(h.float(), step(z, queries, hidden)[0]) < (0.05 if dtype == torch.bfloat16 else 0.01)
