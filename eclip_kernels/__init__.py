@@ -10,13 +10,18 @@ See ``ek.available_backends()`` for what runs on this machine.
 from . import nn, ops  # noqa: F401  (ops registers fake kernels and autograd of the operators)
 from .backends import BackendStatus, available_backends
 from .functional import entropy_regularizer, slot_attention, slot_attention_weights
+from .losses import clip_loss, info_nce
+from .queue import MomentumQueue
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "MomentumQueue",
     "available_backends",
+    "clip_loss",
     "entropy_regularizer",
+    "info_nce",
     "nn",
     "slot_attention",
     "slot_attention_weights",

@@ -4,8 +4,9 @@ Backends:
 
 * ``reference`` — plain PyTorch autograd (``eclip_kernels.reference``): any device, any floating dtype.
   The oracle of the tests. It materializes the (B, N, T) attention.
-* ``cpu`` — C++ kernels in ``eclip_kernels._C``: CPU tensors; float32, float64, bfloat16.
-* ``cuda`` — CUDA C++ kernels in ``eclip_kernels._C``: CUDA tensors (no slot-attention kernel yet).
+* ``cpu`` — CPU tensors. Slot attention: C++ kernels in ``eclip_kernels._C`` (float32, float64, bfloat16).
+  Contrastive losses: tiled ATen matrix products (``eclip_kernels/aten``; any floating dtype).
+* ``cuda`` — CUDA C++ kernels in ``eclip_kernels._C``: CUDA tensors (no kernel written yet).
 * ``triton`` — Triton kernels: CUDA tensors; float32, float16, bfloat16. CPU tensors only when the
   environment has ``TRITON_INTERPRET=1`` set before Triton is imported (the Triton interpreter, slow; used by
   the tests on machines without a GPU).
@@ -38,6 +39,20 @@ _DTYPES = {
     "cuda": (torch.float32, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
 }
+
+# Per operator family: input dtypes of each backend (absent = the backend has no kernel for it).
+OPS = ("slot_attention", "contrastive")
+_OP_DTYPES = {
+    "slot_attention": _DTYPES,
+    "contrastive": {
+        "reference": _DTYPES["reference"],
+        # tiled ATen matrix products (eclip_kernels/aten): any floating dtype, accumulated in float32/float64
+        "cpu": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+        "triton": _DTYPES["triton"],
+    },
+}
+# Whether a backend's kernels for the family live in the compiled extension eclip_kernels._C.
+_IN_EXTENSION = {"slot_attention": ("cpu", "cuda"), "contrastive": ()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +100,12 @@ def available_backends() -> dict[str, BackendStatus]:
 
     status = {
         "reference": BackendStatus(True, True, ("cpu", "cuda"), _DTYPES["reference"], "plain PyTorch"),
+        # usable = the compiled slot-attention kernels; the contrastive losses' cpu path (tiled ATen) needs
+        # no extension and always runs on CPU tensors.
         "cpu": BackendStatus(
-            loaded, loaded, ("cpu",), _DTYPES["cpu"], "C++ kernels in eclip_kernels._C" if loaded else missing
+            loaded, loaded, ("cpu",), _DTYPES["cpu"],
+            "C++ kernels in eclip_kernels._C (contrastive losses: tiled ATen, always available)"
+            if loaded else f"{missing} (contrastive losses still run on the cpu backend: tiled ATen)",
         ),
     }
 
@@ -120,28 +139,32 @@ def available_backends() -> dict[str, BackendStatus]:
     return status
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_queries: int) -> str:
-    """Return the backend that runs a slot-attention call, or raise an error saying why it cannot.
+def resolve_backend(
+    backend: str, device: torch.device, dtype: torch.dtype, num_queries: int = 1, op: str = "slot_attention"
+) -> str:
+    """Return the backend that runs a call, or raise an error saying why it cannot.
 
     Args:
         backend: "auto" or one of :data:`BACKENDS`.
         device: device of the inputs.
         dtype: dtype of the inputs.
-        num_queries: T.
+        num_queries: T (slot attention only).
+        op: the operator family, one of :data:`OPS`.
     """
+    dtypes = _OP_DTYPES[op]
     if backend == "auto":
-        backend = _auto_backend(device, dtype, num_queries)
+        backend = _auto_backend(device, dtype, num_queries, op)
     elif backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     else:
-        _check_usable(backend, device)
-    if dtype not in _DTYPES[backend]:
-        supported = ", ".join(str(d).replace("torch.", "") for d in _DTYPES[backend])
+        _check_usable(backend, device, op)
+    if dtype not in dtypes[backend]:
+        supported = ", ".join(str(d).replace("torch.", "") for d in dtypes[backend])
         raise TypeError(
             f"backend {backend!r} does not support {str(dtype).replace('torch.', '')} inputs "
             f"(supported: {supported})"
         )
-    limit = MAX_QUERIES.get(backend)
+    limit = MAX_QUERIES.get(backend) if op == "slot_attention" else None
     if limit is not None and num_queries > limit:
         raise ValueError(
             f"backend {backend!r} supports at most {limit} queries (T), got T={num_queries}; "
@@ -150,7 +173,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, num_
     return backend
 
 
-def _auto_backend(device: torch.device, dtype: torch.dtype, num_queries: int) -> str:
+def _auto_backend(device: torch.device, dtype: torch.dtype, num_queries: int, op: str) -> str:
     if device.type == "cpu":
         candidates = ("cpu",)
     elif device.type == "cuda":
@@ -158,26 +181,29 @@ def _auto_backend(device: torch.device, dtype: torch.dtype, num_queries: int) ->
     else:
         candidates = ()
     for name in candidates:
-        if _is_usable(name, device) and dtype in _DTYPES[name] and num_queries <= MAX_QUERIES.get(name, num_queries):
+        limit = MAX_QUERIES.get(name, num_queries) if op == "slot_attention" else num_queries
+        if _is_usable(name, device, op) and dtype in _OP_DTYPES[op].get(name, ()) and num_queries <= limit:
             return name
     return "reference"
 
 
-def _is_usable(backend: str, device: torch.device) -> bool:
+def _is_usable(backend: str, device: torch.device, op: str) -> bool:
     try:
-        _check_usable(backend, device)
+        _check_usable(backend, device, op)
     except (RuntimeError, ValueError):
         return False
     return True
 
 
-def _check_usable(backend: str, device: torch.device) -> None:
+def _check_usable(backend: str, device: torch.device, op: str) -> None:
     if backend == "reference":
         return
+    if backend not in _OP_DTYPES[op]:
+        raise RuntimeError(f"backend {backend!r} has no {op.replace('_', '-')} kernels; use 'triton', 'cpu' or 'auto'")
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
-        if not _extension.is_loaded():
+        if backend in _IN_EXTENSION[op] and not _extension.is_loaded():
             raise RuntimeError(
                 "backend 'cpu' is not available: eclip_kernels._C is not built or failed to load "
                 f"({_extension.LOAD_ERROR}); reinstall with `pip install --no-build-isolation -e .`"

@@ -7,6 +7,7 @@ Computations run in the input dtype (run it on float64 inputs to get the oracle)
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 
 def slot_attention_weights(
@@ -60,3 +61,40 @@ def entropy_regularizer(
         log_n = torch.log(num_tokens.to(ent.dtype).clamp_min(1))[:, None]
         per_query = per_query + torch.where(is_positive, torch.zeros_like(ent), log_n)
     return per_query.sum(dim=1).mean()
+
+
+def clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, ids: torch.Tensor | None
+) -> torch.Tensor:
+    """Symmetric InfoNCE of one process (ECLIP Eq. 6-7), materializing the (B, B) logits.
+
+    ``(CE(s I T^T, diag) + CE(s T I^T, diag)) / 2`` with the mean over samples; with ``ids``, pairs (i, j),
+    j != i, of the same id are left out of both denominators.
+    """
+    logits = logit_scale * image @ text.T
+    if ids is not None:
+        same = ids[:, None] == ids[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def contrastive_rows(
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale: torch.Tensor,
+    query_ids: torch.Tensor | None,
+    key_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Sum over rows of InfoNCE with one positive per query and a shared bank of keys (ECLIP Eq. 8).
+
+    Row i: ``log(exp(s <q_i, p_i>) + sum_j exp(s <q_i, k_j>)) - s <q_i, p_i>`` over the keys j whose id differs
+    from the query's (all keys when either id tensor is None).
+    """
+    pos = logit_scale * (query * positive).sum(-1, keepdim=True)
+    logits = logit_scale * query @ keys.T
+    if query_ids is not None and key_ids is not None:
+        logits = logits.masked_fill(query_ids[:, None] == key_ids[None, :], float("-inf"))
+    return (torch.logsumexp(torch.cat([pos, logits], dim=1), dim=1) - pos[:, 0]).sum()

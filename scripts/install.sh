@@ -9,8 +9,9 @@ PYTHON="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip)
 "${pip[@]}" install --quiet --upgrade pip setuptools wheel
-# torch 2.14.1 is the newest release the development machines allow; any torch >= 2.6 works.
-"$VENV/bin/python" -c 'import torch' 2>/dev/null || "${pip[@]}" install --quiet "torch==2.14.1"
+# torch 2.14.1 is the newest release the development machines allow; any torch >= 2.6 works. torchvision
+# (needed by open-clip-torch, a test dependency) is installed with it, in the matching release.
+"$VENV/bin/python" -c 'import torch' 2>/dev/null || "${pip[@]}" install --quiet "torch==2.14.1" "torchvision==0.29.1"
 "${pip[@]}" install --quiet ninja numpy pytest pytest-benchmark
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda-13.0 ]; then
   export CUDA_HOME=/usr/local/cuda-13.0

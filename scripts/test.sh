@@ -14,4 +14,4 @@ for isa in avx2 generic; do
   ECLIP_KERNELS_CPU_ISA=$isa "$PY" -m pytest tests/test_slot_attention.py -q -m "not slow"
 done
 echo "== Triton kernels, TRITON_INTERPRET=1"
-TRITON_INTERPRET=1 "$PY" -m pytest tests/test_slot_attention_triton.py -q
+TRITON_INTERPRET=1 "$PY" -m pytest tests/test_slot_attention_triton.py tests/test_contrastive_triton.py -q

@@ -141,3 +141,19 @@ def saved_tensor_shapes(fn, *args):
         fn(*args)
     return shapes
 
+
+
+def unit_features(rows, dim, dtype=torch.float32, seed=0, count=2, device="cpu"):
+    """`count` random (rows, dim) tensors with L2-normalized rows (the contrastive losses' inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.functional.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=1)
+            .to(device=device, dtype=dtype) for _ in range(count)]
+
+
+def loss_and_grads(fn, tensors, scale):
+    """[loss, grad of each tensor..., grad of scale] of ``fn(*tensors, scale)``, on fresh leaf copies."""
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    scale = scale.detach().clone().requires_grad_()
+    loss = fn(*tensors, scale)
+    loss.backward()
+    return [loss.detach()] + [t.grad for t in tensors] + [scale.grad]
