@@ -1,0 +1,1 @@
+"""ECLIP on eclip_kernels: the model layer (``eclip.models``)."""
