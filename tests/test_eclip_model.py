@@ -218,3 +218,20 @@ def test_bad_batch_raises_clear_error(mutate, error, message):
     mutate(batch)
     with pytest.raises(error, match=message):
         model(batch)
+
+
+def test_pretrained_encoders_load_from_local_files(tmp_path):
+    source = _model()
+    with torch.no_grad():
+        for p in source.towers.parameters():
+            p.add_(1.0)
+    torch.save(source.towers.visual.state_dict(), tmp_path / "vit.pt")
+    source.towers.text.save_pretrained(tmp_path / "bert")
+    target = em.create("eclip-tiny")
+    target.load_pretrained_encoders(vision=str(tmp_path / "vit.pt"), text=str(tmp_path / "bert"))
+    for part in ("visual", "text"):
+        for (name, a), b in zip(getattr(source.towers, part).state_dict().items(),
+                                getattr(target.towers, part).state_dict().values()):
+            assert torch.equal(a, b), name
+        for a, b in zip(getattr(target.towers, part).parameters(), getattr(target.momentum_towers, part).parameters()):
+            assert torch.equal(a, b)

@@ -113,6 +113,31 @@ class ECLIP(nn.Module):
         """The logit scale 1/tau, clamped at config.max_logit_scale."""
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
+    def load_pretrained_encoders(self, vision: str | None = None, text: str | None = None) -> None:
+        """Load encoder weights from local files (nothing is downloaded), into the model and its momentum copy.
+
+        Args:
+            vision: a file with a timm VisionTransformer state_dict of the same architecture (``.pt``/``.pth``
+                via torch.load, or ``.safetensors``); the classifier head, if present, is ignored.
+            text: a local Hugging Face BERT folder (``config.json`` and weights) of the same architecture.
+        """
+        if vision is not None:
+            if vision.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state = load_file(vision)
+            else:
+                state = torch.load(vision, map_location="cpu", weights_only=True)
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            self.towers.visual.load_state_dict(state, strict=True)
+        if text is not None:
+            from transformers import BertModel
+
+            bert = BertModel.from_pretrained(text, local_files_only=True, add_pooling_layer=False)
+            self.towers.text.load_state_dict(bert.state_dict(), strict=True)
+        if self.momentum_towers is not None:
+            self.momentum_towers.load_state_dict(self.towers.state_dict())
+
     # --- pretraining ----------------------------------------------------------------------------------
 
     def _check_batch(self, batch: dict):
