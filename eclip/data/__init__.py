@@ -1,0 +1,1 @@
+"""Product catalogues: manifest format, synthetic catalogue, readers and datasets."""

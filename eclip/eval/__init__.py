@@ -1,0 +1,1 @@
+"""Zero-shot evaluation of ECLIP models on a held-out catalogue."""
