@@ -81,7 +81,12 @@ def make_sample(product_id, text, product_index, images: list, sources: list[str
         return Skipped(product_id, "no_readable_image")
     anchor, positive = choose_pair([sources[i] for i in readable], rng)
     anchor, positive = readable[anchor], readable[positive]
-    sample = {"image": transform(images[anchor]), "positive_image": transform(images[positive]), "text": text,
+    # the augmentation draws from a generator seeded by the sample's own rng: the same crops whatever the
+    # process, rank or DataLoader worker that builds the sample (exact resumption, equal runs across ranks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.getrandbits(63))
+        views = transform(images[anchor]), transform(images[positive])
+    sample = {"image": views[0], "positive_image": views[1], "text": text,
               "product_index": product_index, "product_id": product_id,
               "unreadable_images": len(images) - len(readable), "single_image": anchor == positive}
     return sample

@@ -16,7 +16,8 @@ class ECLIPConfig:
 
     Image encoder (timm VisionTransformer): image_size, patch_size, vision_width, vision_depth, vision_heads.
     Text encoder (transformers BertModel): vocab_size, text_width, text_depth, text_heads, text_mlp,
-    max_text_len (WordPiece tokens, [CLS] and [SEP] included; 55 in the paper).
+    max_text_len (WordPiece tokens, [CLS] and [SEP] included; 55 in the paper), text_dropout (BERT's hidden
+    and attention dropout).
     Joint space and decoder: embed_dim (D), decoder_depth (L), num_queries (T), decoder_heads, decoder_mlp.
     Training: momentum (EMA of the momentum model), queue_size (Eq. 8 negatives; 0 = off), loss_weights,
     use_decoder (False = plain CLIP baseline: only the ITC loss), backend (of the fused kernels).
@@ -33,6 +34,7 @@ class ECLIPConfig:
     text_heads: int = 12
     text_mlp: int = 3072
     max_text_len: int = 55
+    text_dropout: float = 0.1
     embed_dim: int = 512
     decoder_depth: int = 6
     num_queries: int = 20

@@ -33,6 +33,7 @@ def _bert(cfg: ECLIPConfig) -> nn.Module:
     config = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, num_hidden_layers=cfg.text_depth,
                         num_attention_heads=cfg.text_heads, intermediate_size=cfg.text_mlp,
                         max_position_embeddings=max(cfg.max_text_len, 512 if cfg.text_width >= 768 else 64),
+                        hidden_dropout_prob=cfg.text_dropout, attention_probs_dropout_prob=cfg.text_dropout,
                         attn_implementation="sdpa")
     return BertModel(config, add_pooling_layer=False)
 
@@ -84,7 +85,8 @@ class ECLIP(nn.Module):
         super().__init__()
         self.config = config
         self.towers = Towers(config)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
+        # shape [1], not a 0-d tensor: FSDP2 shards parameters along dim 0
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(config.init_logit_scale)))
         self.itm_head = nn.Linear(config.embed_dim, 2) if config.use_decoder else None
         self.momentum_towers = None
         self.queue = None
@@ -110,7 +112,7 @@ class ECLIP(nn.Module):
         torch._foreach_add_(momentum, online, alpha=1 - self.config.momentum)
 
     def scale(self) -> torch.Tensor:
-        """The logit scale 1/tau, clamped at config.max_logit_scale."""
+        """The logit scale 1/tau (shape [1]), clamped at config.max_logit_scale."""
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
     def load_pretrained_encoders(self, vision: str | None = None, text: str | None = None) -> None:

@@ -1,0 +1,341 @@
+"""The ECLIP trainer: torch.distributed (torchrun) + FSDP2, distributed checkpoints, resumable.
+
+    python -m eclip.train --preset demo --data data/synthetic                   # one process
+    torchrun --nproc_per_node 2 -m eclip.train --preset demo --data data/synthetic   # FSDP2 over 2 ranks (gloo)
+
+Layout under ``--out``: ``metrics.jsonl`` (one line per logged step: each loss, lr, logit scale, samples/s,
+memory), ``checkpoints/step-XXXXXXX`` (torch.distributed.checkpoint, written to a temporary folder and
+renamed when complete; ``checkpoints/latest`` names the last complete one), ``config.json``.
+
+Determinism: every random draw of step s on rank r comes from a generator seeded with (seed, s, r), and
+the data order of epoch e from (seed, e): a run resumed from a checkpoint continues exactly as the
+uninterrupted run would (same world size, ``workers=0``). A checkpoint saved on W ranks loads on any number
+of ranks (the data order then changes with the sampler's split).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+import eclip.models as em
+from eclip.data.dataset import Collate, ProductDataset
+from eclip.data.manifest import read_manifest, split
+
+from .config import TrainConfig
+
+
+def _dist_env():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def manifest_path(data: str) -> str:
+    path = os.path.join(data, "catalogue.jsonl") if os.path.isdir(data) else data
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no catalogue at {data!r} (expected a manifest or a folder with catalogue.jsonl)")
+    return path
+
+
+def check_batch(cfg: TrainConfig, world: int) -> int:
+    """The global batch, after checking it against the preset."""
+    global_batch = cfg.micro_batch * cfg.grad_accum * world
+    if cfg.global_batch is not None and cfg.global_batch != global_batch:
+        raise ValueError(
+            f"global batch {cfg.global_batch} != micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum} x "
+            f"world size {world} = {global_batch}; set micro_batch or grad_accum so that they multiply to it")
+    return global_batch
+
+
+def shard_model(model: em.ECLIP, cfg: TrainConfig, world: int):
+    """FSDP2: each ViT block, each BERT layer and the instance decoder (of the model and of its momentum copy),
+    then the root. bf16 parameters with fp32 gradient reduction when ``precision="bf16"``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.shard_group_size and cfg.shard_group_size < world:
+        if world % cfg.shard_group_size:
+            raise ValueError(f"world size {world} is not a multiple of shard_group_size {cfg.shard_group_size}")
+        mesh = init_device_mesh(device_type, (world // cfg.shard_group_size, cfg.shard_group_size),
+                                mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device_type, (world,))
+    kwargs = {"mesh": mesh}
+    if cfg.precision == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for towers in (model.towers, model.momentum_towers):
+        if towers is None:
+            continue
+        blocks = list(towers.visual.blocks) + list(towers.text.encoder.layer)
+        if towers.decoder is not None:
+            # the decoder as one unit, not per block: its forward projects Z for all blocks in one matrix
+            # product (InstanceSlotAttention.project_kv), which needs every block's W_z and W_v unsharded
+            # at once; it is small (about 25M parameters in eclip-vit-b16)
+            blocks.append(towers.decoder)
+        for block in blocks:
+            fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)  # the root, with the same policy
+    return model
+
+
+def _apply_activation_checkpointing(model: em.ECLIP) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    blocks = {id(b) for b in list(model.towers.visual.blocks) + list(model.towers.text.encoder.layer)}
+    apply_activation_checkpointing(model.towers, check_fn=lambda m: id(m) in blocks)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - cfg.warmup_steps))
+
+    return factor
+
+
+class _Checkpoints:
+    def __init__(self, root: str, rank: int, keep: int):
+        self.root, self.rank, self.keep = os.path.join(root, "checkpoints"), rank, keep
+
+    def latest(self) -> str | None:
+        pointer = os.path.join(self.root, "latest")
+        if not os.path.isfile(pointer):
+            return None
+        with open(pointer) as f:
+            name = f.read().strip()
+        path = os.path.join(self.root, name)
+        return path if os.path.isdir(path) else None
+
+    def save(self, state: dict, step: int) -> str:
+        import torch.distributed.checkpoint as dcp
+
+        name = f"step-{step:07d}"
+        final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=tmp)
+        _barrier()
+        if self.rank == 0:  # a crash before this line leaves the previous checkpoint as the latest
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            with open(os.path.join(self.root, "latest.tmp"), "w") as f:
+                f.write(name)
+            os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
+            done = sorted(d for d in os.listdir(self.root) if d.startswith("step-") and not d.endswith(".tmp"))
+            for old in done[:-self.keep]:
+                shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+        _barrier()
+        return final
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """torch.distributed.checkpoint warns that it assumes one process when no process group exists: that
+    is the intent here (single-process runs and evaluation)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
+    return (cfg.seed * 1_000_003 + step * 7919 + rank) % (2**63)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> list[dict]:
+    """Train; returns the logged metrics (rank 0; other ranks get an empty list).
+
+    ``resume`` continues from the latest checkpoint under ``cfg.out``; without it, an ``out`` that already
+    holds checkpoints is an error (so that a run is never overwritten or resumed by accident).
+
+    ``stop_after`` ends the run after that many steps of this invocation without a final checkpoint, as if
+    the process were killed (for tests of resumption).
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    rank, world = _dist_env()
+    global_batch = check_batch(cfg, world)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    if cfg.data is None:
+        raise ValueError("no data: pass --data (a catalogue folder or manifest); `eclip-data synth` makes one")
+    products = read_manifest(manifest_path(cfg.data))
+    index = {p.product_id: i for i, p in enumerate(products)}
+    train_products, _ = split(products, cfg.heldout_fraction)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = em.create(cfg.model, **cfg.model_overrides).to(device)
+    tokenizer = em.tokenizer_for(model)
+    dataset = ProductDataset(train_products, model.config.image_size, train=True, seed=cfg.seed, product_index=index)
+    per_epoch = len(dataset) // (cfg.micro_batch * world) // cfg.grad_accum
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training products are fewer than one global batch of {global_batch}")
+    total_steps = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * per_epoch)))
+
+    if cfg.activation_checkpointing:
+        _apply_activation_checkpointing(model)
+    if world > 1:
+        shard_model(model, cfg, world)
+    if cfg.compile:
+        model.towers.visual.compile()
+        model.towers.text.compile()
+    group = dist.group.WORLD if world > 1 else None
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.98), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+    checkpoints = _Checkpoints(cfg.out, rank, cfg.keep_checkpoints)
+    start_step = 0
+    latest = checkpoints.latest()
+    if latest is not None and not resume:
+        raise FileExistsError(f"{cfg.out} already holds checkpoints ({latest}); pass --resume to continue that run "
+                              "or choose another --out")
+    if latest is not None:
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state, "progress": {"step": 0}, "scheduler": scheduler.state_dict()}
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=latest)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["progress"]["step"])
+        if rank == 0:
+            print(f"resumed from {latest} at step {start_step}")
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    collate = Collate(tokenizer)
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                              shuffle=True, seed=cfg.seed, drop_last=True)
+
+    def batches_from(step: int):
+        epoch, offset = divmod(step, per_epoch)
+        while True:
+            sampler.set_epoch(epoch)
+            indices = list(sampler)[offset * cfg.grad_accum * cfg.micro_batch:]
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, indices), batch_size=cfg.micro_batch, num_workers=cfg.workers,
+                collate_fn=collate, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            yield from loader
+            epoch, offset = epoch + 1, 0
+
+    skipped: dict[str, int] = {}
+    history: list[dict] = []
+    log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    bar = None
+    if rank == 0 and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.model}", dynamic_ncols=True)
+    stream = batches_from(start_step)
+    model.train()
+    tick, ran = time.perf_counter(), 0
+    for step in range(start_step, total_steps):
+        if stop_after is not None and ran >= stop_after:
+            break
+        torch.manual_seed(_step_seed(cfg, step, rank))
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = next(stream)
+            for k, v in batch.pop("skipped").items():
+                skipped[k] = skipped.get(k, 0) + v
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            last = micro == cfg.grad_accum - 1
+            if world > 1:
+                model.set_requires_gradient_sync(last)
+            losses = model(batch, group=group)
+            (losses["loss"] / cfg.grad_accum).backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().item() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_momentum()
+        ran += 1
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals['loss']:.3f}")
+        log_now = done % cfg.log_every == 0 or done == total_steps
+        if log_now:  # on every rank: reading sharded values is a collective
+            if world > 1:  # the logged losses are the means over ranks (each rank's loss covers its rows)
+                values = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64, device=device)
+                dist.all_reduce(values)
+                totals = dict(zip(sorted(totals), (values / world).tolist()))
+            scale, norm = model.scale().detach(), grad_norm.detach()
+            scale = float(scale.full_tensor() if hasattr(scale, "full_tensor") else scale)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if rank == 0 and log_now:
+            elapsed = time.perf_counter() - tick
+            record = {"step": done, **totals, "lr": scheduler.get_last_lr()[0], "logit_scale": scale,
+                      "grad_norm": norm,
+                      "samples_per_s": global_batch * cfg.log_every / elapsed if done % cfg.log_every == 0 else None,
+                      "max_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)}
+            history.append(record)
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            tick = time.perf_counter()
+        if done % cfg.checkpoint_every == 0 or done == total_steps:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            checkpoints.save({"model": model_state, "optim": optim_state, "progress": {"step": done},
+                              "scheduler": scheduler.state_dict()}, done)
+    if bar is not None:
+        bar.close()
+    if log_file is not None:
+        log_file.close()
+        if skipped:
+            print(f"data skipped or handled during training: {skipped}")
+    return history
+
+
+def full_state_dict(model) -> dict:
+    """The full (unsharded) model state on the CPU, on every rank, for evaluation or export."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+
+def load_trained(cfg: TrainConfig) -> em.ECLIP:
+    """A plain (unsharded) model with the weights of the latest checkpoint under ``cfg.out`` (saved on any
+    number of ranks), for evaluation in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    latest = _Checkpoints(cfg.out, 0, cfg.keep_checkpoints).latest()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint under {cfg.out}")
+    model = em.create(cfg.model, **cfg.model_overrides)
+    state = {"model": get_model_state_dict(model)}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=latest)
+    set_model_state_dict(model, state["model"])
+    return model.eval()
