@@ -249,6 +249,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     skipped: dict[str, int] = {}
     history: list[dict] = []
     log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    board = None
+    if cfg.tensorboard and rank == 0:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError("tensorboard=True needs the tensorboard package (pip install tensorboard)") from exc
+        board = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
     bar = None
     if rank == 0 and progress:
         from tqdm import tqdm
@@ -300,6 +307,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                       "samples_per_s": global_batch * cfg.log_every / elapsed if done % cfg.log_every == 0 else None,
                       "max_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)}
             history.append(record)
+            if board is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        board.add_scalar(key, value, done)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             tick = time.perf_counter()
@@ -309,6 +320,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                               "scheduler": scheduler.state_dict()}, done)
     if bar is not None:
         bar.close()
+    if board is not None:
+        board.close()
     if log_file is not None:
         log_file.close()
         if skipped:
