@@ -99,25 +99,32 @@ def _rank_main(rank, world, port, cfg):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_fsdp2_on_two_gloo_ranks_matches_one_process(catalogue, tmp_path):
-    # The CLIP baseline (decoder off) without dropout draws nothing at random but the (per-sample seeded)
-    # augmentation, so 2 ranks x 8 and 1 x 16 see the same global batches and compute the same loss; the
-    # decoder's prompt draws and dropout depend on each rank's generator.
-    overrides = {"model_overrides": {"use_decoder": False, "queue_size": 0, "text_dropout": 0.0}, "max_steps": 3,
-                 "checkpoint_every": 3}
-    single = _cfg(catalogue, tmp_path / "single", micro_batch=16, **overrides)
+# The CLIP baseline (decoder off) without dropout draws nothing at random but the (per-sample seeded)
+# augmentation, so runs that split the same global batches differently must agree; the decoder's prompt
+# draws and dropout depend on each rank's generator.
+DETERMINISTIC_MODEL = {"use_decoder": False, "queue_size": 0, "text_dropout": 0.0}
+
+
+def _assert_two_ranks_match_one_process(catalogue, tmp_path, single_micro_batch, **overrides):
+    """Train 1 process with micro-batch 2m and 2 gloo ranks (FSDP2) with micro-batch m: the same global batches.
+    Losses must agree to 1e-4 relative; parameters to 5% of one AdamW step (lr = 1e-3): in Adam's first steps
+    an update is about lr x sign(gradient), so the rounding of another reduction order moves parameters whose
+    gradient is ~0 (e.g. attention key biases) by up to ~lr. The 2-rank checkpoint loads into one model."""
+    overrides = {"model_overrides": DETERMINISTIC_MODEL, **overrides}
+    single = _cfg(catalogue, tmp_path / "single", micro_batch=single_micro_batch, **overrides)
     train(single, progress=False)
-    sharded = _cfg(catalogue, tmp_path / "sharded", micro_batch=8, **overrides)
+    sharded = _cfg(catalogue, tmp_path / "sharded", micro_batch=single_micro_batch // 2, **overrides)
     mp.spawn(_rank_main, args=(2, _free_port(), sharded), nprocs=2, join=True)
     for a, b in zip(_metrics(tmp_path / "single"), _metrics(tmp_path / "sharded")):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"])), (a, b)
-    # the checkpoint saved on 2 ranks loads into one unsharded model. Parameters agree to 5% of one AdamW step
-    # (lr = 1e-3): in Adam's first steps an update is about lr x sign(gradient), so float rounding of the
-    # reduction order moves parameters whose gradient is ~0 (e.g. attention key biases) by up to ~lr.
     a, b = _params(single), _params(sharded)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=5e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_gloo_ranks_matches_one_process(catalogue, tmp_path):
+    _assert_two_ranks_match_one_process(catalogue, tmp_path, 16, max_steps=3, checkpoint_every=3)
 
 
 @pytest.mark.slow
@@ -141,14 +148,4 @@ def test_gradient_accumulation_under_fsdp2_matches_one_process(catalogue, tmp_pa
     # micro-batch only sees its own negatives (documented in TrainConfig). What accumulation must get right
     # is the rest: no gradient sync on the inner micro-step, the loss scaled by 1/grad_accum, one optimizer
     # step. 2 ranks x 4 x 2 micro-steps must therefore equal 1 process x 8 x 2 micro-steps.
-    overrides = {"model_overrides": {"use_decoder": False, "queue_size": 0, "text_dropout": 0.0}, "max_steps": 2,
-                 "checkpoint_every": 2, "grad_accum": 2}
-    single = _cfg(catalogue, tmp_path / "single", micro_batch=8, **overrides)
-    train(single, progress=False)
-    sharded = _cfg(catalogue, tmp_path / "sharded", micro_batch=4, **overrides)
-    mp.spawn(_rank_main, args=(2, _free_port(), sharded), nprocs=2, join=True)
-    for a, b in zip(_metrics(tmp_path / "single"), _metrics(tmp_path / "sharded")):
-        assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"])), (a, b)
-    a, b = _params(single), _params(sharded)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=5e-5, msg=key)
+    _assert_two_ranks_match_one_process(catalogue, tmp_path, 8, max_steps=2, checkpoint_every=2, grad_accum=2)
