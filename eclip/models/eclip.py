@@ -204,7 +204,8 @@ class ECLIP(nn.Module):
             neg_text = (masked + _gumbel(sim.shape, sim.device)).argmax(dim=1)
             neg_image = (masked.T + _gumbel(sim.shape, sim.device)).argmax(dim=1)
         pairs = torch.cat([hidden * text_raw, hidden * text_raw[neg_text], hidden[neg_image] * text_raw])
-        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(hidden.device)
+        labels = torch.zeros(3 * batch, dtype=torch.long, device=hidden.device)
+        labels[:batch] = 1
         return F.cross_entropy(self.itm_head(pairs), labels)
 
     def forward(self, batch: dict, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:

@@ -279,8 +279,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                 model.set_requires_gradient_sync(last)
             losses = model(batch, group=group)
             (losses["loss"] / cfg.grad_accum).backward()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v.detach().item() / cfg.grad_accum
+            for k, v in losses.items():  # kept on the device: read only at logging steps
+                totals[k] = totals.get(k, 0.0) + v.detach() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -290,16 +290,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         done = step + 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{totals['loss']:.3f}")
         log_now = done % cfg.log_every == 0 or done == total_steps
         if log_now:  # on every rank: reading sharded values is a collective
+            values = torch.stack([totals[k].double() for k in sorted(totals)])
             if world > 1:  # the logged losses are the means over ranks (each rank's loss covers its rows)
-                values = torch.tensor([totals[k] for k in sorted(totals)], dtype=torch.float64, device=device)
                 dist.all_reduce(values)
-                totals = dict(zip(sorted(totals), (values / world).tolist()))
+                values /= world
+            totals = dict(zip(sorted(totals), values.tolist()))
             scale, norm = model.scale().detach(), grad_norm.detach()
             scale = float(scale.full_tensor() if hasattr(scale, "full_tensor") else scale)
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if bar is not None and log_now:
+            bar.set_postfix(loss=f"{totals['loss']:.3f}")
         if rank == 0 and log_now:
             elapsed = time.perf_counter() - tick
             record = {"step": done, **totals, "lr": scheduler.get_last_lr()[0], "logit_scale": scale,

@@ -36,14 +36,14 @@ def _lse(m: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m)) + torch.log(total)
 
 
-def _invalid_pairs(ids_a, ids_b, i0, j0, diagonal_valid):
-    """(tile) bool mask of pairs left out of the denominators, or None."""
+def _invalid_pairs(ids_a, ids_b, i0, i1, j0, j1, diagonal_valid):
+    """Bool mask of the (i0:i1, j0:j1) tile's pairs left out of the denominators, or None without ids."""
     if ids_a is None or ids_b is None:
         return None
-    invalid = ids_a[:, None] == ids_b[None, :]
+    invalid = ids_a[i0:i1, None] == ids_b[None, j0:j1]
     if diagonal_valid:
-        rows = torch.arange(i0, i0 + ids_a.shape[0], device=ids_a.device)
-        cols = torch.arange(j0, j0 + ids_b.shape[0], device=ids_a.device)
+        rows = torch.arange(i0, i1, device=ids_a.device)
+        cols = torch.arange(j0, j1, device=ids_a.device)
         invalid &= rows[:, None] != cols[None, :]
     return invalid
 
@@ -65,8 +65,7 @@ def clip_loss_fwd(image, text, logit_scale, ids):
         for j0 in range(0, batch, TILE):
             j1 = min(j0 + TILE, batch)
             tile = a @ txt[j0:j1].T
-            invalid = _invalid_pairs(ids[i0:i1] if ids is not None else None,
-                                     ids[j0:j1] if ids is not None else None, i0, j0, diagonal_valid=True)
+            invalid = _invalid_pairs(ids, ids, i0, i1, j0, j1, diagonal_valid=True)
             if invalid is not None:
                 tile.masked_fill_(invalid, float("-inf"))
             _online_update(row_m[i0:i1], row_sum[i0:i1], tile, dim=1)
@@ -93,8 +92,7 @@ def clip_loss_bwd(grad_loss, image, text, logit_scale, ids, row_lse, col_lse):
             j1 = min(j0 + TILE, batch)
             tile = a @ txt[j0:j1].T
             g = torch.exp(tile - row_lse[i0:i1, None]).add_(torch.exp(tile - col_lse[None, j0:j1]))
-            invalid = _invalid_pairs(ids[i0:i1] if ids is not None else None,
-                                     ids[j0:j1] if ids is not None else None, i0, j0, diagonal_valid=True)
+            invalid = _invalid_pairs(ids, ids, i0, i1, j0, j1, diagonal_valid=True)
             if invalid is not None:
                 g.masked_fill_(invalid, 0.0)
             lo, hi = max(i0, j0), min(i1, j1)
@@ -126,8 +124,7 @@ def contrastive_rows_fwd(query, positive, keys, logit_scale, query_ids, key_ids)
         for j0 in range(0, k.shape[0], TILE):
             j1 = min(j0 + TILE, k.shape[0])
             tile = a @ k[j0:j1].T
-            invalid = _invalid_pairs(query_ids[i0:i1] if query_ids is not None else None,
-                                     key_ids[j0:j1] if key_ids is not None else None, i0, j0, diagonal_valid=False)
+            invalid = _invalid_pairs(query_ids, key_ids, i0, i1, j0, j1, diagonal_valid=False)
             if invalid is not None:
                 tile.masked_fill_(invalid, float("-inf"))
             _online_update(m, total, tile, dim=1)
@@ -153,8 +150,7 @@ def contrastive_rows_bwd(grad_loss_sum, query, positive, keys, logit_scale, quer
             j1 = min(j0 + TILE, k.shape[0])
             tile = a @ k[j0:j1].T
             g = torch.exp(tile - lse[i0:i1, None])
-            invalid = _invalid_pairs(query_ids[i0:i1] if query_ids is not None else None,
-                                     key_ids[j0:j1] if key_ids is not None else None, i0, j0, diagonal_valid=False)
+            invalid = _invalid_pairs(query_ids, key_ids, i0, i1, j0, j1, diagonal_valid=False)
             if invalid is not None:
                 g.masked_fill_(invalid, 0.0)
             g.mul_(g_out)

@@ -104,6 +104,23 @@ def _lse_merge(m, l, m2, l2):
 
 
 @triton.jit
+def _lse_from_slots(m, l, max_ptr, sum_ptr, idx64, ok, M, n_slots):
+    """Fold the (max, sum) partials of n_slots slots of an (n_slots, M) buffer into (m, l) and return the
+    log-sum-exp (0 where ``ok`` is False). Pointers advance by M per slot (64-bit pointer arithmetic)."""
+    pm = max_ptr + idx64
+    ps = sum_ptr + idx64
+    for _ in range(0, n_slots):
+        mk = tl.load(pm, mask=ok, other=float("-inf"))
+        lk = tl.load(ps, mask=ok, other=0.0)
+        m, l = _lse_merge(m, l, mk, lk)
+        pm += M
+        ps += M
+    m = tl.where(ok, m, 0.0)
+    l = tl.where(ok, l, 1.0)
+    return m + tl.log(l)
+
+
+@triton.jit
 def _fwd_tiles_kernel(
     a_ptr, b_ptr, scale_ptr, ids_a_ptr, ids_b_ptr,
     rmax_ptr, rsum_ptr, cmax_ptr, csum_ptr,
@@ -218,35 +235,14 @@ def _fwd_finalize_kernel(
         # lse = log(exp(pos) + sum_valid exp(L))
         m = pos
         l = tl.full((BLOCK,), 1.0, dtype=tl.float32)
-    # slot k of an (n_slots, M) partial buffer; pointers advance by M (64-bit pointer arithmetic)
-    pm = rmax_ptr + idx64
-    ps = rsum_ptr + idx64
-    for _ in range(0, n_row_slots):
-        mk = tl.load(pm, mask=ok, other=float("-inf"))
-        lk = tl.load(ps, mask=ok, other=0.0)
-        m, l = _lse_merge(m, l, mk, lk)
-        pm += M
-        ps += M
-    m = tl.where(ok, m, 0.0)
-    l = tl.where(ok, l, 1.0)
-    row_lse = m + tl.log(l)
+    row_lse = _lse_from_slots(m, l, rmax_ptr, rsum_ptr, idx64, ok, M, n_row_slots)
     tl.store(row_lse_ptr + idx64, row_lse, mask=ok)
     contrib = row_lse - pos
 
     if SYM:
-        mc = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-        lc = tl.zeros((BLOCK,), dtype=tl.float32)
-        pm = cmax_ptr + idx64
-        ps = csum_ptr + idx64
-        for _ in range(0, n_col_slots):
-            mk = tl.load(pm, mask=ok, other=float("-inf"))
-            lk = tl.load(ps, mask=ok, other=0.0)
-            mc, lc = _lse_merge(mc, lc, mk, lk)
-            pm += M
-            ps += M
-        mc = tl.where(ok, mc, 0.0)
-        lc = tl.where(ok, lc, 1.0)
-        col_lse = mc + tl.log(lc)
+        col_lse = _lse_from_slots(tl.full((BLOCK,), float("-inf"), dtype=tl.float32),
+                                  tl.zeros((BLOCK,), dtype=tl.float32), cmax_ptr, csum_ptr, idx64, ok, M,
+                                  n_col_slots)
         tl.store(col_lse_ptr + idx64, col_lse, mask=ok)
         contrib += col_lse - pos
 
