@@ -8,7 +8,7 @@ See ``ek.available_backends()`` for what runs on this machine.
 """
 
 from . import nn, ops  # noqa: F401  (ops registers fake kernels and autograd of the operators)
-from .backends import BackendStatus, available_backends
+from .backends import BackendFallbackWarning, BackendStatus, available_backends
 from .functional import entropy_regularizer, slot_attention, slot_attention_weights
 from .losses import clip_loss, info_nce
 from .queue import MomentumQueue
@@ -16,6 +16,7 @@ from .queue import MomentumQueue
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendFallbackWarning",
     "BackendStatus",
     "MomentumQueue",
     "available_backends",

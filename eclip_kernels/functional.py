@@ -7,14 +7,50 @@ import math
 import torch
 
 from . import reference
-from .backends import resolve_backend
+from .backends import resolve_call
 from .ops import slot_attention as _slot_attention_ops
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype, num_queries: int) -> str:
-    # Pure function of its arguments and of the build; constant under torch.compile.
-    return resolve_backend(backend, device, dtype, num_queries)
+def _resolve(
+    backend: str, device: torch.device, dtype: torch.dtype, num_queries: int, autocast_dtype: torch.dtype | None
+) -> tuple[str, torch.dtype]:
+    # Pure function of its arguments and of the build (its warnings are issued once, while tracing under
+    # torch.compile); constant under torch.compile.
+    return resolve_call(backend, device, dtype, num_queries, "slot_attention", autocast_dtype)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype of ``torch.autocast`` when it is enabled for ``device``'s type, else None."""
+    is_enabled = getattr(torch, "is_autocast_enabled", None)
+    get_dtype = getattr(torch, "get_autocast_dtype", None)
+    if is_enabled is None or get_dtype is None or device.type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return None
+    if not is_enabled(device.type):
+        return None
+    return get_dtype(device.type)
+
+
+def _promote_under_autocast(*tensors):
+    """Under autocast, float16/bfloat16/float32 inputs of different dtypes are accepted, as by a matrix
+    product: they are brought to their promoted dtype here (before the input checks), and the precision
+    policy then takes them in the autocast dtype. Anything else is returned as it is, for the checks."""
+    first = tensors[0]
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+               for t in tensors):
+        return tensors
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1 or _autocast_dtype(first.device) is None:
+        return tensors
+    common = first.dtype
+    for t in tensors[1:]:
+        common = torch.promote_types(common, t.dtype)
+    return tuple(_cast(t, common) for t in tensors)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Differentiable cast of a floating tensor (gradients return in the tensor's own dtype)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -94,7 +130,8 @@ def slot_attention(
     Args:
         q: queries (B, T, D), already projected.
         k: keys (B, N, D), already projected.
-        v: values (B, N, Dv), already projected. q, k, v share dtype and device; any strides.
+        v: values (B, N, Dv), already projected. q, k, v share dtype and device (under autocast, their
+            float16/bfloat16/float32 dtypes may differ); any strides.
         scale: multiplier of the logits, > 0; default ``D ** -0.5``.
         eps: >= 0, added to the softmax weights before the token sum (default 0).
         mask: optional (B, N) bool, True = valid token. Masked tokens get no weight. A sample whose
@@ -112,14 +149,31 @@ def slot_attention(
     pass over the tokens for all T queries, and never store the (B, N, T) attention: backward recomputes it
     from q, k and the per-token log-sum-exp. Supported dtypes: cpu float32/float64/bfloat16; triton
     float32/float16/bfloat16; reference any floating dtype (computed in the input dtype). T <= 64 on
-    triton; no limit on cpu and reference.
+    triton; no limit on cpu and reference. ``auto`` falls back with a
+    :class:`~eclip_kernels.BackendFallbackWarning` that names the reason (README "Precision and backend
+    choice").
+
+    Under ``torch.autocast`` (enabled for the inputs' device type), float32/float16/bfloat16 inputs are cast
+    (differentiably) to the autocast dtype, as for a matrix product, and ``out`` is returned in it; ``ent``
+    stays float32. The ``reference`` backend then computes in float32 from the cast inputs, with autocast
+    disabled. A backend without a kernel for the autocast dtype runs the inputs' own dtype
+    (:func:`eclip_kernels.backends.resolve_call`).
     """
+    q, k, v = _promote_under_autocast(q, k, v)
     _check_attention_inputs(q, k, v, mask)
     scale = _check_scalars(q, scale, eps)
-    chosen = _resolve(backend, q.device, q.dtype, q.shape[1])
+    autocast = _autocast_dtype(q.device)
+    chosen, dtype = _resolve(backend, q.device, q.dtype, q.shape[1], autocast)
+    q, k, v = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype)
     if chosen == "reference":
-        out, ent = reference.slot_attention(q, k, v, scale, float(eps), mask)
-        ent = ent.to(_slot_attention_ops._stat_dtype(q.dtype))
+        if autocast is not None and dtype != torch.float64:
+            # under autocast: float32 math from the inputs rounded to the autocast dtype, as the fused kernels
+            with torch.autocast(q.device.type, enabled=False):
+                out, ent = reference.slot_attention(q.float(), k.float(), v.float(), scale, float(eps), mask)
+            out = out.to(dtype)
+        else:
+            out, ent = reference.slot_attention(q, k, v, scale, float(eps), mask)
+        ent = ent.to(_slot_attention_ops._stat_dtype(dtype))
     else:
         out, ent, _, _ = _slot_attention_ops.forward_op(chosen)(q, k, v, mask, scale, float(eps))
     return (out, ent) if return_entropy else out

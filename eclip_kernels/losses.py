@@ -3,17 +3,38 @@ The math is in docs/contrastive.md."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 from . import reference
-from .backends import resolve_backend
+from .backends import resolve_call
+from .functional import _autocast_dtype, _promote_under_autocast
 from .ops.contrastive import OPS
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    return resolve_backend(backend, device, dtype, op="contrastive")
+def _resolve(
+    backend: str, device: torch.device, dtype: torch.dtype, autocast: torch.dtype | None
+) -> tuple[str, torch.dtype]:
+    # constant under torch.compile; its fallback warnings are issued once, while tracing
+    return resolve_call(backend, device, dtype, 1, "contrastive", autocast)
+
+
+def _no_autocast(device: torch.device, autocast: torch.dtype | None):
+    """Autocast off while a kernel runs: the tiled kernels pick their own accumulation dtype, and the
+    reference under autocast computes in float32 (as the fused kernels accumulate)."""
+    return torch.autocast(device.type, enabled=False) if autocast is not None else contextlib.nullcontext()
+
+
+def _inputs(tensors, dtype: torch.dtype, chosen: str, autocast: torch.dtype | None):
+    """The features as the chosen path takes them: in the call dtype, and in float32 for the reference
+    under autocast (rounded to the autocast dtype first). Differentiable casts."""
+    cast = [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+    if chosen == "reference" and autocast is not None and dtype != torch.float64:
+        cast = [t.float() for t in cast]
+    return cast
 
 
 def _check_features(named: list[tuple[str, torch.Tensor]]) -> None:
@@ -99,11 +120,21 @@ def clip_loss(
             world_size x the gradient of the single-process loss on the concatenated batch (so that after
             DDP/FSDP gradient averaging, parameter gradients equal the single-process ones). Every rank must
             pass the same B. None (default): the batch of this process only.
-        backend: "auto", "cpu", "triton" or "reference" (materializes the logits; the test oracle).
+        backend: "auto", "cpu" (CPU tensors), "cuda" (CUDA tensors; the same tiled ATen kernels), "triton" or
+            "reference" (materializes the logits; the test oracle). ``auto``: ``cpu`` on CPU tensors; on CUDA
+            tensors ``triton``, else ``cuda`` with a :class:`~eclip_kernels.BackendFallbackWarning`.
+
+    Under ``torch.autocast`` (enabled for the features' device type), float32/float16/bfloat16 features (of
+    one dtype or not) are cast (differentiably) to the autocast dtype, as for a matrix product, so that
+    features normalized in float32 (``F.normalize`` under autocast) still take the low-precision kernels; the
+    kernels run with autocast disabled and accumulate in float32, and the ``reference`` computes in float32
+    from the cast features.
 
     Returns:
-        The scalar loss, float32 (float64 for float64 features; the dtype of the features for ``reference``).
+        The scalar loss, float32 (float64 for float64 features; outside autocast, the dtype of the features
+        for ``reference``).
     """
+    image_features, text_features = _promote_under_autocast(image_features, text_features)
     _check_features([("image_features", image_features), ("text_features", text_features)])
     if image_features.shape != text_features.shape:
         raise ValueError(
@@ -115,13 +146,16 @@ def clip_loss(
         raise ValueError("clip_loss needs at least one sample")
     _check_ids("ids", ids, batch, device)
     scale = _scale_tensor(logit_scale, device)
-    chosen = _resolve(backend, device, image_features.dtype)
+    autocast = _autocast_dtype(device)
+    chosen, dtype = _resolve(backend, device, image_features.dtype, autocast)
+    image_features, text_features = _inputs((image_features, text_features), dtype, chosen, autocast)
     world = dist.get_world_size(group) if group is not None else 1
 
     if world == 1:
-        if chosen == "reference":
-            return reference.clip_loss(image_features, text_features, scale.to(image_features.dtype), ids)
-        return OPS[chosen]["clip_fwd"](image_features, text_features, scale, ids)[0]
+        with _no_autocast(device, autocast):
+            if chosen == "reference":
+                return reference.clip_loss(image_features, text_features, scale.to(image_features.dtype), ids)
+            return OPS[chosen]["clip_fwd"](image_features, text_features, scale, ids)[0]
 
     rank = dist.get_rank(group)
     all_images = _gather_with_grad(image_features, group)
@@ -131,14 +165,15 @@ def clip_loss(
         all_ids = torch.arange(world * batch, device=device)
     else:
         all_ids = _gather(ids, group)
-    if chosen == "reference":
-        s = scale.to(image_features.dtype)
-        i2t = reference.contrastive_rows(image_features, text_features, all_texts, s, ids, all_ids)
-        t2i = reference.contrastive_rows(text_features, image_features, all_images, s, ids, all_ids)
-    else:
-        rows = OPS[chosen]["rows_fwd"]
-        i2t = rows(image_features, text_features, all_texts, scale, ids, all_ids)[0]
-        t2i = rows(text_features, image_features, all_images, scale, ids, all_ids)[0]
+    with _no_autocast(device, autocast):
+        if chosen == "reference":
+            s = scale.to(image_features.dtype)
+            i2t = reference.contrastive_rows(image_features, text_features, all_texts, s, ids, all_ids)
+            t2i = reference.contrastive_rows(text_features, image_features, all_images, s, ids, all_ids)
+        else:
+            rows = OPS[chosen]["rows_fwd"]
+            i2t = rows(image_features, text_features, all_texts, scale, ids, all_ids)[0]
+            t2i = rows(text_features, image_features, all_images, scale, ids, all_ids)[0]
     return (i2t + t2i) / (2 * batch)
 
 
@@ -165,11 +200,14 @@ def info_nce(
         logit_scale: float or 1-element tensor (differentiable).
         query_ids: optional (M,) integer product ids; negative_ids: optional (K,) integer product ids. With
             both, negatives sharing the query's id are left out (the positive always stays).
-        backend: "auto", "cpu", "triton" or "reference".
+        backend: "auto", "cpu", "cuda", "triton" or "reference", as for :func:`clip_loss`; under
+            ``torch.autocast`` the features are taken in the autocast dtype, as there.
 
     Returns:
-        The scalar loss (mean over queries), float32 (float64 for float64 features).
+        The scalar loss (mean over queries), float32 (float64 for float64 features; outside autocast, the
+        dtype of the features for ``reference``).
     """
+    query, positive, negatives = _promote_under_autocast(query, positive, negatives)
     _check_features([("query", query), ("positive", positive), ("negatives", negatives)])
     if positive.shape != query.shape:
         raise ValueError(f"query and positive must have the same shape, got {tuple(query.shape)} and {tuple(positive.shape)}")
@@ -181,9 +219,13 @@ def info_nce(
     if (query_ids is None) != (negative_ids is None):
         raise ValueError("pass both query_ids and negative_ids, or neither")
     scale = _scale_tensor(logit_scale, device)
-    chosen = _resolve(backend, device, query.dtype)
-    if chosen == "reference":
-        total = reference.contrastive_rows(query, positive, negatives, scale.to(query.dtype), query_ids, negative_ids)
-    else:
-        total = OPS[chosen]["rows_fwd"](query, positive, negatives, scale, query_ids, negative_ids)[0]
+    autocast = _autocast_dtype(device)
+    chosen, dtype = _resolve(backend, device, query.dtype, autocast)
+    query, positive, negatives = _inputs((query, positive, negatives), dtype, chosen, autocast)
+    with _no_autocast(device, autocast):
+        if chosen == "reference":
+            total = reference.contrastive_rows(query, positive, negatives, scale.to(query.dtype), query_ids,
+                                               negative_ids)
+        else:
+            total = OPS[chosen]["rows_fwd"](query, positive, negatives, scale, query_ids, negative_ids)[0]
     return total / query.shape[0]

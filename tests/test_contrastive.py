@@ -164,6 +164,65 @@ def test_opcheck():
     torch.library.opcheck(OPS["cpu"]["rows_fwd"], (query, positive, negatives, s, torch.arange(4), torch.arange(4)))
 
 
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (True, False, True)])
+def test_opcheck_backward_ops(mask):
+    from eclip_kernels.ops.contrastive import OPS
+
+    image, text = _features(7, 5, seed=15)
+    s = torch.tensor(5.0)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3, 4])
+    loss, row_lse, col_lse = OPS["cpu"]["clip_fwd"](image, text, s, ids)
+    torch.library.opcheck(OPS["cpu"]["clip_bwd"], (torch.ones_like(loss), image, text, s, ids, row_lse, col_lse,
+                                                   list(mask)))
+    query, positive, negatives = _features(4, 5, seed=16, n=3)
+    total, lse = OPS["cpu"]["rows_fwd"](query, positive, negatives, s, None, None)
+    torch.library.opcheck(OPS["cpu"]["rows_bwd"], (torch.ones_like(total), query, positive, negatives, s, None, None,
+                                                   lse, [*mask, True]))
+
+
+@pytest.mark.parametrize("needs", [(True, True, False), (False, True, True), (True, False, False)])
+def test_only_requested_gradients_are_computed(needs, monkeypatch):
+    """A frozen bank of negatives (a momentum queue) gets no gradient and costs no product for it."""
+    query, positive, negatives = _features(30, 16, seed=17, n=3)
+    calls = []
+    real_addmm = torch.Tensor.addmm_
+
+    def counting_addmm(self, *args, **kwargs):
+        calls.append(self.shape)
+        return real_addmm(self, *args, **kwargs)
+
+    def grads(backend):
+        leaves = [t.clone().requires_grad_(n) for t, n in zip((query, positive, negatives), needs)]
+        loss = ek.info_nce(*leaves, 14.3, backend=backend)
+        return torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
+
+    want = grads("reference")
+    monkeypatch.setattr(torch.Tensor, "addmm_", counting_addmm)
+    got = grads("cpu")
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+    # one addmm_ per tile for each of grad_query and grad_keys that is needed
+    assert len(calls) == needs[0] + needs[2]
+
+
+def test_backward_inside_autocast_is_not_autocast():
+    """backward() called inside an autocast region: the tiled kernels still accumulate in float32."""
+    image, text = (t.requires_grad_() for t in _features(64, 32, seed=18))
+
+    def grads(backward_in_autocast):
+        i, t = image.detach().clone().requires_grad_(), text.detach().clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = ek.clip_loss(i, t, 14.3, backend="cpu")
+            if backward_in_autocast:
+                loss.backward()
+        if not backward_in_autocast:
+            loss.backward()
+        return i.grad, t.grad
+
+    for inside, outside in zip(grads(True), grads(False)):
+        assert torch.equal(inside, outside)
+
+
 @pytest.mark.slow
 def test_torch_compile_fullgraph():
     image, text = _features(9, 6, seed=14)

@@ -16,7 +16,16 @@ import pytest
 import torch
 
 import eclip_kernels as ek
-from _helpers import SHAPES, check_against_oracle, make_inputs, non_contiguous, run, saved_tensor_shapes, upstream_grads
+from _helpers import (
+    SHAPES,
+    check_against_oracle,
+    make_inputs,
+    non_contiguous,
+    rel_err,
+    run,
+    saved_tensor_shapes,
+    upstream_grads,
+)
 
 if torch.cuda.is_available():
     DEVICE = "cuda"
@@ -141,3 +150,87 @@ def test_modules_run_on_triton():
     want = layer(z, queries, hidden, return_entropy=True)
     torch.testing.assert_close(out.hidden, want.hidden, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.entropy, want.entropy, rtol=1e-5, atol=1e-5)
+
+
+# --- launch geometries that take the multi-tile and split paths (ECLIP_KERNELS_TRITON_GEOMETRY) ---------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("geometry", ["gpu:2", "gpu:64"])
+@pytest.mark.parametrize("shape", [(3, 197, 7, 33, 33), (1, 300, 20, 64, 48)], ids=["B3-N197", "B1-N300"])
+def test_gpu_tiles_multi_tile_and_split_paths(dtype, geometry, shape, monkeypatch):
+    """GPU block sizes at small shapes: with 2 target programs every program walks several token tiles (the dq
+    slab read-add-write across tiles); with 64 the forward splits the tokens and merges the partial sums."""
+    from eclip_kernels.triton import slot_attention as sa
+
+    monkeypatch.setenv("ECLIP_KERNELS_TRITON_GEOMETRY", geometry)
+    splits = []
+    real = sa._token_splits
+
+    def spy(n_tiles, want):
+        splits.append(real(n_tiles, want))
+        return splits[-1]
+
+    monkeypatch.setattr(sa, "_token_splits", spy)
+    q, k, v, mask = _inputs(shape, dtype, masked=True, seed=21)
+    check_against_oracle(q, k, v, mask, "triton", eps=1e-3)
+    (fwd_per, fwd_n), (bwd_per, bwd_n) = splits
+    if geometry == "gpu:2":
+        assert fwd_per > 1 and bwd_per > 1
+    else:
+        assert fwd_n > 1  # partial sums through the merge kernel
+
+
+# --- gradients nobody asked for ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True), (True, True, False)],
+                         ids=lambda n: "".join("qkv"[i] for i in range(3) if n[i]))
+def test_only_requested_gradients(needs):
+    q, k, v, mask = _inputs((2, 45, 5, 17, 9), torch.float32, masked=True, seed=22)
+    grads = upstream_grads((2, 5, 9), (2, 5), device=DEVICE)
+
+    def grads_of(backend, cast):
+        leaves = [cast(t).detach().requires_grad_(n) for t, n in zip((q, k, v), needs)]
+        out, ent = ek.slot_attention(*leaves, mask=mask, eps=1e-3, return_entropy=True, backend=backend)
+        loss = (out * grads[0].to(out.dtype)).sum() + (ent * grads[1].to(ent.dtype)).sum()
+        return torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
+
+    got = grads_of("triton", lambda t: t)
+    want = grads_of("reference", lambda t: t.double())
+    assert len(got) == sum(needs)
+    for a, w in zip(got, want):
+        assert rel_err(a, w) <= 1e-5
+
+
+# --- 64-bit offsets ------------------------------------------------------------------------------------------
+
+
+def test_row_offsets_past_2_to_the_31():
+    """k with a row stride of 2^29 + 16 elements: token 4 sits past element 2^31, where 32-bit offsets
+    (rows * stride) wrap. The storage is allocated but never touched beyond the few rows used (virtual)."""
+    if DEVICE != "cpu":
+        pytest.skip("needs 8 GiB of (virtual) host memory; the GPU suite covers large shapes")
+    num_tokens, dim, stride = 5, 16, 2**29 + 16
+    q, k_small, v, _ = _inputs((1, num_tokens, 3, dim, 8), torch.float32, masked=False, seed=23)
+    storage = torch.empty(stride * (num_tokens - 1) + dim, dtype=torch.float32)
+    k = storage.as_strided((1, num_tokens, dim), (storage.numel(), stride, 1))
+    for i in range(num_tokens):
+        k[0, i] = k_small[0, i]
+    assert k.stride(1) * (num_tokens - 1) >= 2**31
+    got, _ = check_against_oracle(q, k, v, None, "triton")
+    torch.testing.assert_close(got[0], run(q, k_small, v, None, "triton")[0])
+
+
+# --- opcheck of the backward operator --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_mask", [[True, True, True], [False, True, False]])
+def test_opcheck_backward(output_mask):
+    from eclip_kernels.ops import slot_attention as ops
+
+    q, k, v, mask = _inputs((2, 13, 5, 7, 6), torch.float32, masked=True, seed=24)
+    out, ent, S, lse = ops.forward_op("triton")(q, k, v, mask, 0.4, 1e-3)
+    grad_out, grad_ent = (t.float() for t in upstream_grads((2, 5, 6), (2, 5), device=DEVICE))
+    torch.library.opcheck(ops.backward_op("triton"),
+                          (grad_out, grad_ent, q, k, v, mask, out, ent, S, lse, 0.4, 1e-3, output_mask))

@@ -76,14 +76,15 @@ def clip_loss_fwd(image, text, logit_scale, ids):
     return loss, row_lse, col_lse
 
 
-def clip_loss_bwd(grad_loss, image, text, logit_scale, ids, row_lse, col_lse):
+def clip_loss_bwd(grad_loss, image, text, logit_scale, ids, row_lse, col_lse, output_mask=(True, True, True)):
+    need_img, need_txt, need_scale = (bool(x) for x in output_mask)
     batch = image.shape[0]
     acc = _acc_dtype(image.dtype)
     img, txt, scale = image.to(acc), text.to(acc), logit_scale.to(acc)
     row_lse, col_lse = row_lse.to(acc), col_lse.to(acc)
     coef = grad_loss.to(acc) / (2 * batch)
-    grad_img = torch.zeros_like(img)
-    grad_txt = torch.zeros_like(txt)
+    grad_img = torch.zeros_like(img) if need_img else None
+    grad_txt = torch.zeros_like(txt) if need_txt else None
     grad_scale = torch.zeros((), dtype=acc, device=image.device)
     for i0 in range(0, batch, TILE):
         i1 = min(i0 + TILE, batch)
@@ -100,13 +101,17 @@ def clip_loss_bwd(grad_loss, image, text, logit_scale, ids, row_lse, col_lse):
                 idx = torch.arange(lo, hi, device=image.device)
                 g[idx - i0, idx - j0] -= 2.0
             g.mul_(coef)
-            grad_scale += (g * tile).sum()
-            grad_img[i0:i1].addmm_(g, txt[j0:j1])
-            grad_txt[j0:j1].addmm_(g.T, img[i0:i1])
-    grad_img.mul_(scale)
-    grad_txt.mul_(scale)
-    grad_scale = grad_scale / scale
-    return grad_img.to(image.dtype), grad_txt.to(text.dtype), grad_scale.to(logit_scale.dtype)
+            if need_scale:
+                grad_scale += (g * tile).sum()
+            if need_img:
+                grad_img[i0:i1].addmm_(g, txt[j0:j1])
+            if need_txt:
+                grad_txt[j0:j1].addmm_(g.T, img[i0:i1])
+    return (
+        (grad_img * scale).to(image.dtype) if need_img else image.new_empty((0,)),
+        (grad_txt * scale).to(text.dtype) if need_txt else text.new_empty((0,)),
+        (grad_scale / scale).to(logit_scale.dtype) if need_scale else logit_scale.new_empty((0,)),
+    )
 
 
 # --- one-directional rows (info_nce, and each direction of the distributed CLIP loss) -------------------
@@ -132,34 +137,40 @@ def contrastive_rows_fwd(query, positive, keys, logit_scale, query_ids, key_ids)
     return (lse - pos).sum(), lse
 
 
-def contrastive_rows_bwd(grad_loss_sum, query, positive, keys, logit_scale, query_ids, key_ids, lse):
+def contrastive_rows_bwd(grad_loss_sum, query, positive, keys, logit_scale, query_ids, key_ids, lse,
+                         output_mask=(True, True, True, True)):
+    need_q, need_p, need_k, need_scale = (bool(x) for x in output_mask)
     acc = _acc_dtype(query.dtype)
     q, p, k, scale = query.to(acc), positive.to(acc), keys.to(acc), logit_scale.to(acc)
     g_out = grad_loss_sum.to(acc)
     lse = lse.to(acc)
     pos = scale * (q * p).sum(-1)
     coef_pos = (torch.exp(pos - lse) - 1) * g_out  # d loss / d pos
-    grad_q = coef_pos[:, None] * p
-    grad_p = coef_pos[:, None] * q
-    grad_k = torch.zeros_like(k)
+    grad_q = coef_pos[:, None] * p if need_q else None
+    grad_k = torch.zeros_like(k) if need_k else None
     grad_scale = (coef_pos * pos).sum()
-    for i0 in range(0, q.shape[0], TILE):
-        i1 = min(i0 + TILE, q.shape[0])
-        a = q[i0:i1] * scale
-        for j0 in range(0, k.shape[0], TILE):
-            j1 = min(j0 + TILE, k.shape[0])
-            tile = a @ k[j0:j1].T
-            g = torch.exp(tile - lse[i0:i1, None])
-            invalid = _invalid_pairs(query_ids, key_ids, i0, i1, j0, j1, diagonal_valid=False)
-            if invalid is not None:
-                g.masked_fill_(invalid, 0.0)
-            g.mul_(g_out)
-            grad_scale += (g * tile).sum()
-            grad_q[i0:i1].addmm_(g, k[j0:j1])
-            grad_k[j0:j1].addmm_(g.T, q[i0:i1])
-    grad_q.mul_(scale)
-    grad_p.mul_(scale)
-    grad_k.mul_(scale)
-    grad_scale = grad_scale / scale
-    return (grad_q.to(query.dtype), grad_p.to(positive.dtype), grad_k.to(keys.dtype),
-            grad_scale.to(logit_scale.dtype))
+    # the positive's gradient needs no tile; the tiles are walked only for the query, keys or scale
+    if need_q or need_k or need_scale:
+        for i0 in range(0, q.shape[0], TILE):
+            i1 = min(i0 + TILE, q.shape[0])
+            a = q[i0:i1] * scale
+            for j0 in range(0, k.shape[0], TILE):
+                j1 = min(j0 + TILE, k.shape[0])
+                tile = a @ k[j0:j1].T
+                g = torch.exp(tile - lse[i0:i1, None])
+                invalid = _invalid_pairs(query_ids, key_ids, i0, i1, j0, j1, diagonal_valid=False)
+                if invalid is not None:
+                    g.masked_fill_(invalid, 0.0)
+                g.mul_(g_out)
+                if need_scale:
+                    grad_scale += (g * tile).sum()
+                if need_q:
+                    grad_q[i0:i1].addmm_(g, k[j0:j1])
+                if need_k:
+                    grad_k[j0:j1].addmm_(g.T, q[i0:i1])
+    return (
+        (grad_q * scale).to(query.dtype) if need_q else query.new_empty((0,)),
+        (coef_pos[:, None] * q * scale).to(positive.dtype) if need_p else positive.new_empty((0,)),
+        (grad_k * scale).to(keys.dtype) if need_k else keys.new_empty((0,)),
+        (grad_scale / scale).to(logit_scale.dtype) if need_scale else logit_scale.new_empty((0,)),
+    )

@@ -5,7 +5,10 @@ Two operator pairs share one schema and one autograd formula (SPEC section 2):
 * ``eclip_kernels::slot_attention_fwd`` / ``slot_attention_bwd`` — schemas in ``csrc/ops.cpp``, kernels
   in C++ per dispatch key (CPU now; CUDA later). Present only when ``eclip_kernels._C`` is loaded.
 * ``eclip_kernels::slot_attention_fwd_triton`` / ``slot_attention_bwd_triton`` — defined here, kernels in
-  ``eclip_kernels/triton/slot_attention.py``.
+  ``eclip_kernels/triton/slot_attention.py``; ``torch.library.triton_op`` where torch has it (torch.compile
+  traces into the launcher and sees the kernels). The Triton backward takes ``output_mask``
+  (``ctx.needs_input_grad``) and computes only those gradients; the C++ backward computes all three (its
+  per-sample pass shares the softmax recomputation among them).
 
 Forward returns ``(out, ent, S, lse)``; only ``out`` and ``ent`` are differentiable. The backward operator
 recomputes the softmax from q, k and lse, so autograd saves q, k, v, out, ent, S (B, T) and lse (B, N):
@@ -15,16 +18,21 @@ nothing of size B x N x T.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 
 from .. import _extension
+from ._define import define_op
 
 FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
 BWD_SCHEMA = (
     "(Tensor grad_out, Tensor grad_ent, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor out, Tensor ent, "
     "Tensor S, Tensor lse, float scale, float eps) -> (Tensor, Tensor, Tensor)"
 )
+# The Triton backward also takes ctx.needs_input_grad and computes only those gradients (an empty tensor
+# stands in for the others).
+BWD_MASKED_SCHEMA = BWD_SCHEMA.replace("float eps)", "float eps, bool[] output_mask)")
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,8 +50,8 @@ def _fwd_fake(q, k, v, mask, scale, eps):
     return out, ent, col_sum, lse
 
 
-def _bwd_fake(grad_out, grad_ent, q, k, v, mask, out, ent, col_sum, lse, scale, eps):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _bwd_fake(grad_out, grad_ent, q, k, v, mask, out, ent, col_sum, lse, scale, eps, output_mask=(True,) * 3):
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in zip((q, k, v), output_mask))
 
 
 def _setup_context(ctx, inputs, output):
@@ -55,13 +63,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(col_sum, lse)
 
 
-def _make_backward(bwd_op: Callable) -> Callable:
+def _make_backward(bwd_op: Callable, takes_mask: bool) -> Callable:
     def backward(ctx, grad_out, grad_ent, _grad_col_sum, _grad_lse):
         q, k, v, mask, out, ent, col_sum, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_v = bwd_op(
-            grad_out, grad_ent, q, k, v, mask, out, ent, col_sum, lse, ctx.scale, ctx.eps
-        )
-        return grad_q, grad_k, grad_v, None, None, None
+        needs = list(ctx.needs_input_grad[:3])
+        extra = (needs,) if takes_mask else ()
+        grads = bwd_op(grad_out, grad_ent, q, k, v, mask, out, ent, col_sum, lse, ctx.scale, ctx.eps, *extra)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
 
     return backward
 
@@ -73,7 +81,7 @@ if _extension.is_loaded():
     torch.library.register_fake("eclip_kernels::slot_attention_bwd")(_bwd_fake)
     torch.library.register_autograd(
         "eclip_kernels::slot_attention_fwd",
-        _make_backward(torch.ops.eclip_kernels.slot_attention_bwd.default),
+        _make_backward(torch.ops.eclip_kernels.slot_attention_bwd.default, takes_mask=False),
         setup_context=_setup_context,
     )
 
@@ -81,24 +89,27 @@ if _extension.is_loaded():
 # --- Triton operators ---------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("eclip_kernels::slot_attention_fwd_triton", mutates_args=(), schema=FWD_SCHEMA)
-def slot_attention_fwd_triton(q, k, v, mask, scale, eps):
+def _fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton.slot_attention import slot_attention_fwd
 
     return slot_attention_fwd(q, k, v, mask, scale, eps)
 
 
-@torch.library.custom_op("eclip_kernels::slot_attention_bwd_triton", mutates_args=(), schema=BWD_SCHEMA)
-def slot_attention_bwd_triton(grad_out, grad_ent, q, k, v, mask, out, ent, col_sum, lse, scale, eps):
+def _bwd_triton(grad_out: torch.Tensor, grad_ent: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: Optional[torch.Tensor], out: torch.Tensor, ent: torch.Tensor, col_sum: torch.Tensor, lse: torch.Tensor,
+                scale: float, eps: float, output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..triton.slot_attention import slot_attention_bwd
 
-    return slot_attention_bwd(grad_out, grad_ent, q, k, v, mask, out, ent, col_sum, lse, scale, eps)
+    return slot_attention_bwd(grad_out, grad_ent, q, k, v, mask, out, ent, col_sum, lse, scale, eps, output_mask)
 
 
-slot_attention_fwd_triton.register_fake(_fwd_fake)
-slot_attention_bwd_triton.register_fake(_bwd_fake)
+slot_attention_fwd_triton = define_op("eclip_kernels::slot_attention_fwd_triton", _fwd_triton, FWD_SCHEMA,
+                                      _fwd_fake, triton=True)
+slot_attention_bwd_triton = define_op("eclip_kernels::slot_attention_bwd_triton", _bwd_triton,
+                                      BWD_MASKED_SCHEMA, _bwd_fake, triton=True)
 slot_attention_fwd_triton.register_autograd(
-    _make_backward(slot_attention_bwd_triton), setup_context=_setup_context
+    _make_backward(slot_attention_bwd_triton, takes_mask=True), setup_context=_setup_context
 )
 
 

@@ -13,15 +13,22 @@ tl.dot work, i.e. one sweep over all tiles with a full-D product):
     forward:   1 pass.  A single sweep over the tiles yields the row statistics
                (max, sum exp) and, for the symmetric loss, the column
                statistics of the same tile, so both directions share it.
-    backward:  3 passes.  Each tile is recomputed once (1), and the same
-               probability tile G feeds both gradient products G @ B (1) and
-               G^T @ A (1).  The cross-program reduction of G^T @ A uses float32
-               atomics (see _bwd_kernel).  When torch's deterministic mode is
-               on, the launchers instead run the kernel a second time with the
-               roles of the two sides swapped (no atomics): 4 passes.
-    total:     4 passes per step (5 in deterministic mode), against 6 when the
-               two directions are computed separately (per direction: S in the
-               forward, dS @ B and dS^T @ A in the backward).
+    backward:  4 passes: one sweep per side.  The image sweep recomputes each
+               tile (1) and accumulates G @ text into the image gradient (1);
+               the text sweep does the same with the roles swapped (2).  A side
+               that needs no gradient (a momentum bank, a frozen tower) costs no
+               sweep.
+    total:     5 passes per step, deterministic, no atomics.
+
+Why two sweeps rather than one sweep that also adds G^T @ image into the text
+gradient (4 passes): that single sweep must reduce the text gradient across
+programs (float atomics of a (BLOCK_N x D) tile per tile) and, for D = 512, could
+not keep the image gradient in registers either, so it streamed a (BLOCK_M x D)
+float32 slab through global memory on every tile.  At B = 65,536, D = 512 that
+is 0.5 MB of slab traffic and 128 KB of atomics per 33 MFLOP tile, about 50
+FLOP per byte, far under the ~300 FLOP/byte at which an H100 stops being
+memory-bound.  Each sweep here keeps a (BLOCK_M x BLOCK_DO) float32 slice of its
+own gradient in registers for its whole range of tiles and writes it once.
 
 Forward, kernel _fwd_tiles_kernel, grid (n_row_splits, n_col_splits):
     program (r, c) owns a contiguous range of row blocks and a contiguous
@@ -34,25 +41,25 @@ Forward, kernel _fwd_tiles_kernel, grid (n_row_splits, n_col_splits):
     _fwd_finalize_kernel (grid over index blocks) merges the partial slots
     into the final log-sum-exps in a fixed order (deterministic), computes the
     positives pos[i] = s <a_i, b_i> and per-block loss sums; the launcher adds
-    those O(B / BLOCK) numbers.  The splits are bounded (about sqrt(#SM) rows
-    by #SM / that columns), so the partials are O(B * small constant).
+    those O(B / BLOCK) numbers.  The splits are bounded (about sqrt(#programs)
+    rows by #programs / that columns, never more programs than one round of
+    the device), so the partials are O(B * small constant).
 
-Backward, kernel _bwd_kernel, grid (n_own_blocks, n_splits):
-    "own" is the side whose rows a program holds (image / query), "other" the
-    side it walks (text / keys).  Per tile it recomputes S, forms
+Backward, kernel _bwd_kernel, grid (n_own_blocks, n_splits, n_d_slices):
+    "own" is the side whose rows a program holds (image / query, or text /
+    keys in the second sweep), "other" the side it walks.  Per tile it
+    recomputes S, forms
         G = exp(S - lse_own) [+ exp(S - lse_other)] [- 2 on the diagonal]
-    (the grad_loss / count and s factors are applied to the fp32 products,
-    not to G, so fp16 / bf16 operands of G stay in [-2, 2]), accumulates
-    G @ other into a float32 slab of the own gradient owned by this program
-    (read-modify-write, no atomics), and G^T @ own into the other gradient.
-    n_splits (other-side tile ranges per own block) is 1 unless there are too
-    few own blocks to fill the device; it is bounded so the slabs are at most
-    about (#programs * BLOCK_M + M) x D floats, summed by the launcher.
-    grad_scale partials: one float per program, summed by the launcher.
+    (the grad_loss / count and s factors are applied once at the end, so
+    fp16 / bf16 operands of G stay in [-2, 2]) and accumulates G @ other[:, slice]
+    in registers.  n_splits (other-side tile ranges per own block) is 1 unless
+    own blocks and D slices leave the device under-filled; each split writes
+    one float32 partial, summed by the launcher in a fixed order.
+    grad_scale partials: one float per (own block, split), summed by the launcher.
 
 All accumulation is float32.  fp16 / bf16 tiles are fed to tl.dot in the input
-dtype with float32 accumulators; float32 tiles use input_precision="ieee" so
-results match a float64 reference closely.
+dtype with float32 accumulators; float32 tiles follow torch's float32 matmul
+precision (exact IEEE products at "highest", TF32 otherwise; see _launch.py).
 """
 
 import math
@@ -61,6 +68,8 @@ from collections import namedtuple
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import device_guard, dot_precision, geometry, wrap_triton
 
 __all__ = [
     "clip_loss_fwd",
@@ -78,7 +87,7 @@ __all__ = [
 @triton.jit
 def _dot_tile(a_ptr, b_ptr, rows64, r_ok, cols64, c_ok, D,
               stride_am, stride_ad, stride_bn, stride_bd,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """<a[i], b[j]> for a tile of rows i and columns j, (BLOCK_M, BLOCK_N) float32 (unscaled)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
@@ -90,7 +99,7 @@ def _dot_tile(a_ptr, b_ptr, rows64, r_ok, cols64, c_ok, D,
         # b loaded transposed: (BLOCK_D, BLOCK_N)
         bt = tl.load(b_ptr + cols64[None, :] * stride_bn + dd[:, None] * stride_bd,
                      mask=d_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(a, bt, acc, input_precision="ieee", out_dtype=tl.float32)
+        acc = tl.dot(a, bt, acc, input_precision=PREC, out_dtype=tl.float32)
     return acc
 
 
@@ -126,7 +135,7 @@ def _fwd_tiles_kernel(
     rmax_ptr, rsum_ptr, cmax_ptr, csum_ptr,
     M, N, D, rblocks_per_split, cblocks_per_split,
     stride_am, stride_ad, stride_bn, stride_bd, stride_ida, stride_idb,
-    HAS_IDS: tl.constexpr, SYM: tl.constexpr,
+    HAS_IDS: tl.constexpr, SYM: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -165,7 +174,7 @@ def _fwd_tiles_kernel(
             cols64 = cols.to(tl.int64)
             acc = _dot_tile(a_ptr, b_ptr, rows64, r_ok, cols64, c_ok, D,
                             stride_am, stride_ad, stride_bn, stride_bd,
-                            BLOCK_M, BLOCK_N, BLOCK_D)
+                            PREC, BLOCK_M, BLOCK_N, BLOCK_D)
             valid = r_ok[:, None] & c_ok[None, :]
             if HAS_IDS:
                 ids_c = tl.load(ids_b_ptr + cols64 * stride_idb, mask=c_ok, other=0)
@@ -253,16 +262,18 @@ def _fwd_finalize_kernel(
 def _bwd_kernel(
     own_ptr, oth_ptr, posf_ptr, scale_ptr, g_ptr,
     lse_own_ptr, lse_oth_ptr, ids_own_ptr, ids_oth_ptr,
-    down_ptr, doth_ptr, dposf_ptr, gs_ptr,
+    down_ptr, dposf_ptr, gs_ptr,
     N_OWN, N_OTH, D, tiles_per_split, inv_count,
     stride_on, stride_od, stride_tn, stride_td, stride_pn, stride_pd,
     stride_dpn, stride_dpd, stride_ido, stride_idt,
     HAS_IDS: tl.constexpr, SYM: tl.constexpr, LSE_OWN: tl.constexpr, LSE_OTH: tl.constexpr,
-    HAS_POS: tl.constexpr, ATOMIC_OTH: tl.constexpr, WRITE_GS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_POS: tl.constexpr, NEED_OWN: tl.constexpr, NEED_POS: tl.constexpr, WRITE_GS: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    pid_d = tl.program_id(2)
     n_split = tl.num_programs(1)
     scale = tl.load(scale_ptr).to(tl.float32)
     coef = tl.load(g_ptr).to(tl.float32) * inv_count   # grad_loss / (2B) or grad_loss_sum
@@ -271,25 +282,29 @@ def _bwd_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     rows = pid_m * BLOCK_M + offs_m
     r_ok = rows < N_OWN
     rows64 = rows.to(tl.int64)
-    # float32 own-gradient slab of this split: contiguous (N_OWN, D)
-    down_base = down_ptr + pid_s.to(tl.int64) * N_OWN * D
+    # this program's slice of the own gradient: columns [pid_d * BLOCK_DO, + BLOCK_DO) of D
+    do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = do < D
+    out_msk = r_ok[:, None] & do_ok[None, :]
+    first_slice = pid_d == 0
 
     if LSE_OWN:
         lse_r = tl.load(lse_own_ptr + rows64, mask=r_ok, other=0.0)
     if HAS_IDS:
         ids_r = tl.load(ids_own_ptr + rows64 * stride_ido, mask=r_ok, other=0)
     gs_vec = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    slab_init = pid_s < 0  # False, as a runtime value
+    # own gradient / cs, in registers for the whole sweep (no partial results through global memory)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
 
     if HAS_POS:
-        # rows loss, own = query: the positive column.  Split 0 starts its slab
-        # with cs * (p_pos - 1) * positive and writes grad_positive.
+        # rows loss, own = query: the positive column, handled by split 0. d_query starts at
+        # (p_pos - 1) * positive, d_positive = cs (p_pos - 1) * query.
         if pid_s == 0:
             dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            offs_d = tl.arange(0, BLOCK_D)
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + offs_d
                 msk = r_ok[:, None] & (dd < D)[None, :]
@@ -297,18 +312,15 @@ def _bwd_kernel(
                 p = tl.load(posf_ptr + rows64[:, None] * stride_pn + dd[None, :] * stride_pd, mask=msk, other=0.0)
                 dot += tl.sum(q.to(tl.float32) * p.to(tl.float32), axis=1)
             e = tl.where(r_ok, tl.exp(dot * scale - lse_r) - 1.0, 0.0)   # p_pos - 1
-            gs_vec += e * dot
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                msk = r_ok[:, None] & (dd < D)[None, :]
-                q = tl.load(own_ptr + rows64[:, None] * stride_on + dd[None, :] * stride_od, mask=msk, other=0.0)
-                p = tl.load(posf_ptr + rows64[:, None] * stride_pn + dd[None, :] * stride_pd, mask=msk, other=0.0)
-                f = (cs * e)[:, None]
-                tl.store(down_base + rows64[:, None] * D + dd[None, :], f * p.to(tl.float32), mask=msk)
-                tl.store(dposf_ptr + rows64[:, None] * stride_dpn + dd[None, :] * stride_dpd,
-                         (f * q.to(tl.float32)).to(dposf_ptr.dtype.element_ty), mask=msk)
-            slab_init = pid_s == 0
-            tl.debug_barrier()
+            if first_slice:
+                gs_vec += e * dot
+            if NEED_OWN:
+                p = tl.load(posf_ptr + rows64[:, None] * stride_pn + do[None, :] * stride_pd, mask=out_msk, other=0.0)
+                acc += e[:, None] * p.to(tl.float32)
+            if NEED_POS:
+                q = tl.load(own_ptr + rows64[:, None] * stride_on + do[None, :] * stride_od, mask=out_msk, other=0.0)
+                tl.store(dposf_ptr + rows64[:, None] * stride_dpn + do[None, :] * stride_dpd,
+                         ((cs * e)[:, None] * q.to(tl.float32)).to(dposf_ptr.dtype.element_ty), mask=out_msk)
 
     n_tiles = tl.cdiv(N_OTH, BLOCK_N)
     t_lo = pid_s * tiles_per_split
@@ -317,10 +329,10 @@ def _bwd_kernel(
         cols = t * BLOCK_N + offs_n
         c_ok = cols < N_OTH
         cols64 = cols.to(tl.int64)
-        acc = _dot_tile(own_ptr, oth_ptr, rows64, r_ok, cols64, c_ok, D,
-                        stride_on, stride_od, stride_tn, stride_td,
-                        BLOCK_M, BLOCK_N, BLOCK_D)
-        s_t = acc * scale
+        s_raw = _dot_tile(own_ptr, oth_ptr, rows64, r_ok, cols64, c_ok, D,
+                          stride_on, stride_od, stride_tn, stride_td,
+                          PREC, BLOCK_M, BLOCK_N, BLOCK_D)
+        s_t = s_raw * scale
         valid = r_ok[:, None] & c_ok[None, :]
         if HAS_IDS:
             ids_c = tl.load(ids_oth_ptr + cols64 * stride_idt, mask=c_ok, other=0)
@@ -338,40 +350,21 @@ def _bwd_kernel(
         if SYM:
             gu = tl.where(valid & (rows[:, None] == cols[None, :]), gu - 2.0, gu)
         if WRITE_GS:
-            # sum G * S / s = coef * sum gu * <own, oth>
-            gs_vec += tl.sum(gu * acc, axis=1)
-        gd = gu.to(op_ty)
+            if first_slice:
+                # sum G * S / s = coef * sum gu * <own, oth>
+                gs_vec += tl.sum(gu * s_raw, axis=1)
+        if NEED_OWN:
+            o_t = tl.load(oth_ptr + cols64[:, None] * stride_tn + do[None, :] * stride_td,
+                          mask=c_ok[:, None] & do_ok[None, :], other=0.0)
+            acc = tl.dot(gu.to(op_ty), o_t, acc, input_precision=PREC, out_dtype=tl.float32)
 
-        read_prev = (t > t_lo) | slab_init
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            d_ok = dd < D
-            # own gradient: slab[rows] += cs * G @ oth[cols]   (this program only)
-            o_t = tl.load(oth_ptr + cols64[:, None] * stride_tn + dd[None, :] * stride_td,
-                          mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            contrib = tl.dot(gd, o_t, input_precision="ieee", out_dtype=tl.float32)
-            sl_ptrs = down_base + rows64[:, None] * D + dd[None, :]
-            sl_msk = r_ok[:, None] & d_ok[None, :]
-            prev = tl.load(sl_ptrs, mask=sl_msk & read_prev, other=0.0)
-            tl.store(sl_ptrs, prev + cs * contrib, mask=sl_msk)
-            if ATOMIC_OTH:
-                # other gradient: doth[cols] += cs * G^T @ own[rows].  Every
-                # own block adds into the same columns, so this is a
-                # cross-program reduction: float32 atomics (relaxed; only the
-                # final sums are read, after the kernel).  The summation order
-                # varies between runs, so results are not bit-reproducible;
-                # deterministic mode avoids this path (see the launchers).
-                a_t = tl.load(own_ptr + rows64[:, None] * stride_on + dd[None, :] * stride_od,
-                              mask=sl_msk, other=0.0)
-                c2 = tl.dot(tl.trans(gd), a_t, input_precision="ieee", out_dtype=tl.float32)
-                tl.atomic_add(doth_ptr + cols64[:, None] * D + dd[None, :], cs * c2,
-                              mask=c_ok[:, None] & d_ok[None, :], sem="relaxed")
-        # the slab is re-read on the next tile, possibly by other threads of
-        # this program than the ones that wrote it: make the writes visible
-        tl.debug_barrier()
-
+    if NEED_OWN:
+        # float32 partial of this split: slot pid_s of (n_splits, N_OWN, D), summed by the launcher
+        slab = down_ptr + pid_s.to(tl.int64) * N_OWN * D + rows64[:, None] * D + do[None, :]
+        tl.store(slab, acc * cs, mask=out_msk)
     if WRITE_GS:
-        tl.store(gs_ptr + pid_m * n_split + pid_s, coef * tl.sum(gs_vec, axis=0))
+        if first_slice:
+            tl.store(gs_ptr + pid_m * n_split + pid_s, coef * tl.sum(gs_vec, axis=0))
 
 
 # --------------------------------------------------------------------------
@@ -380,64 +373,66 @@ def _bwd_kernel(
 
 _Config = namedtuple(
     "_Config",
-    "fwd_m fwd_n fwd_d warps_fwd bwd_m bwd_n bwd_d warps_bwd fin_block fin_d target max_bwd_splits",
+    "fwd_m fwd_n fwd_d warps_fwd bwd_m bwd_n bwd_d bwd_do warps_bwd fin_block fin_d target max_bwd_splits",
 )
 
-_SM_COUNT = {}
 
-
-def _pick_config(D: int, dtype: torch.dtype, device: torch.device) -> _Config:
+def _pick_config(D: int, dtype: torch.dtype, prec: str, device: torch.device) -> _Config:
     """Block sizes, warp counts and split targets of all kernels (every tl.dot dim >= 16).
 
-    The GPU tiles were sized so that ptxas (sm_90) reports no register spills
-    (at most 16 bytes of stack):
-    fp16 / bf16 tiles go to tensor cores; float32 tiles use the exact (FMA)
-    product, which needs its operands in registers, hence smaller tiles.
+    GPU tiles are chosen so that ptxas reports no spills on sm_80 and sm_90 at the shapes the project is built
+    for, with triton 3.6 and 3.8 (``python -m eclip_kernels.triton.aot --check``): bf16 / fp16 and TF32 tiles go to tensor cores;
+    exact float32 products (FMA) need their operands in registers, hence smaller tiles. The backward keeps
+    a (bwd_m x bwd_do) float32 slice of the own gradient in registers for its whole sweep; D wider than
+    bwd_do is covered by more programs, each recomputing the logits.
     """
     def dblock(cap):
         return min(cap, max(16, triton.next_power_of_2(D)))
 
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        target = 2 * _SM_COUNT[idx]
-        if dtype == torch.float32:
-            return _Config(fwd_m=64, fwd_n=64, fwd_d=dblock(16), warps_fwd=4,
-                           bwd_m=64, bwd_n=64, bwd_d=dblock(16), warps_bwd=4,
-                           fin_block=128, fin_d=dblock(32), target=target, max_bwd_splits=16)
-        return _Config(fwd_m=128, fwd_n=64, fwd_d=dblock(64), warps_fwd=8,
-                       bwd_m=128, bwd_n=64, bwd_d=dblock(32), warps_bwd=8,
-                       fin_block=128, fin_d=dblock(32), target=target, max_bwd_splits=16)
-    # CPU (TRITON_INTERPRET=1): small tiles, few programs, but still several
-    # splits so the multi-block / multi-split paths run in tests.
-    return _Config(fwd_m=32, fwd_n=16, fwd_d=dblock(32), warps_fwd=4,
-                   bwd_m=32, bwd_n=16, bwd_d=dblock(16), warps_bwd=4,
-                   fin_block=32, fin_d=dblock(16), target=4, max_bwd_splits=4)
+    geo = geometry(device)
+    if not geo.gpu_tiles:
+        # interpreter: small tiles, few programs, but still several splits and D slices so the multi-block /
+        # multi-split paths run in tests
+        return _Config(fwd_m=32, fwd_n=16, fwd_d=dblock(32), warps_fwd=4,
+                       bwd_m=32, bwd_n=16, bwd_d=dblock(16), bwd_do=dblock(16), warps_bwd=4,
+                       fin_block=32, fin_d=dblock(16), target=min(4, geo.programs), max_bwd_splits=4)
+    if dtype == torch.float32 and prec == "ieee":
+        return _Config(fwd_m=128, fwd_n=64, fwd_d=dblock(16), warps_fwd=8,
+                       bwd_m=32, bwd_n=32, bwd_d=dblock(16), bwd_do=dblock(64), warps_bwd=4,
+                       fin_block=128, fin_d=dblock(32), target=geo.programs, max_bwd_splits=16)
+    # tensor cores (bf16 / fp16 operands, or float32 as TF32): the backward holds a 32 x 512 slice of the own
+    # gradient (64 registers a thread at 8 warps), so at D <= 512 each sweep computes the logits once
+    tf32 = dtype == torch.float32
+    return _Config(fwd_m=128, fwd_n=64, fwd_d=dblock(64), warps_fwd=8,
+                   bwd_m=32, bwd_n=32 if tf32 else 64, bwd_d=dblock(32 if tf32 else 64), bwd_do=dblock(512),
+                   warps_bwd=8, fin_block=128, fin_d=dblock(32), target=geo.programs, max_bwd_splits=16)
 
 
 def _splits(n_blocks: int, want: int):
-    """(blocks per split, number of splits) with every split non-empty."""
+    """(blocks per split, number of splits) with every split non-empty and at most ``want`` splits."""
     want = max(1, min(n_blocks, want))
     per = triton.cdiv(n_blocks, want)
     return per, triton.cdiv(n_blocks, per)
 
 
 def _fwd_grid(M: int, N: int, cfg: _Config):
+    """(row blocks per split, row splits, column blocks per split, column splits), at most cfg.target programs
+    (one round of the device: a program more would run a whole extra round)."""
     n_rb = triton.cdiv(M, cfg.fwd_m)
     n_cb = triton.cdiv(N, cfg.fwd_n)
-    want_r = min(n_rb, max(1, math.isqrt(cfg.target)))
-    rper, n_r = _splits(n_rb, want_r)
-    cper, n_c = _splits(n_cb, triton.cdiv(cfg.target, n_r))
+    rper, n_r = _splits(n_rb, min(n_rb, max(1, math.isqrt(cfg.target))))
+    cper, n_c = _splits(n_cb, max(1, cfg.target // n_r))
     return rper, n_r, cper, n_c
 
 
-def _bwd_grid(n_own: int, n_oth: int, cfg: _Config):
+def _bwd_grid(n_own: int, n_oth: int, D: int, cfg: _Config):
+    """(own blocks, other-side tiles per split, splits, D slices): the splits fill what own blocks and D
+    slices leave of cfg.target, so the grid never exceeds it unless own blocks x slices alone do."""
     n_ob = triton.cdiv(n_own, cfg.bwd_m)
+    n_dr = triton.cdiv(D, cfg.bwd_do)
     n_tb = triton.cdiv(n_oth, cfg.bwd_n)
-    want = min(cfg.max_bwd_splits, triton.cdiv(cfg.target, n_ob))
-    tper, n_s = _splits(n_tb, want)
-    return n_ob, tper, n_s
+    tper, n_s = _splits(n_tb, min(cfg.max_bwd_splits, cfg.target // (n_ob * n_dr)))
+    return n_ob, tper, n_s, n_dr
 
 
 def _ids_args(ids, fallback):
@@ -451,7 +446,8 @@ def _forward(a, b, p, scale, ids_a, ids_b, sym: bool):
     M, D = a.shape
     N = b.shape[0]
     dev = a.device
-    cfg = _pick_config(D, a.dtype, dev)
+    prec = dot_precision(a.dtype, dev)
+    cfg = _pick_config(D, a.dtype, prec, dev)
     has_ids = ids_a is not None and ids_b is not None
     ids_a_t, sida = _ids_args(ids_a if has_ids else None, a)
     ids_b_t, sidb = _ids_args(ids_b if has_ids else None, a)
@@ -465,80 +461,87 @@ def _forward(a, b, p, scale, ids_a, ids_b, sym: bool):
         csum = torch.empty((n_r, N), dtype=f32, device=dev)
     else:
         cmax, csum = rmax, rsum  # unused
-    _fwd_tiles_kernel[(n_r, n_c)](
-        a, b, scale, ids_a_t, ids_b_t,
-        rmax, rsum, cmax, csum,
-        M, N, D, rper, cper,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), sida, sidb,
-        HAS_IDS=has_ids, SYM=sym,
-        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=cfg.fwd_d,
-        num_warps=cfg.warps_fwd,
-    )
-
     row_lse = torch.empty((M,), dtype=f32, device=dev)
     col_lse = torch.empty((M,), dtype=f32, device=dev) if sym else row_lse
     n_fin = triton.cdiv(M, cfg.fin_block)
     loss_part = torch.empty((n_fin,), dtype=f32, device=dev)
-    _fwd_finalize_kernel[(n_fin,)](
-        a, p, scale,
-        rmax, rsum, n_c, cmax, csum, n_r if sym else 0,
-        row_lse, col_lse, loss_part,
-        M, D,
-        a.stride(0), a.stride(1), p.stride(0), p.stride(1),
-        SYM=sym, BLOCK=cfg.fin_block, BLOCK_D=cfg.fin_d,
-        num_warps=4,
-    )
+    with device_guard(dev):
+        wrap_triton(_fwd_tiles_kernel)[(n_r, n_c)](
+            a, b, scale, ids_a_t, ids_b_t,
+            rmax, rsum, cmax, csum,
+            M, N, D, rper, cper,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), sida, sidb,
+            HAS_IDS=has_ids, SYM=sym, PREC=prec,
+            BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=cfg.fwd_d,
+            num_warps=cfg.warps_fwd,
+        )
+        wrap_triton(_fwd_finalize_kernel)[(n_fin,)](
+            a, p, scale,
+            rmax, rsum, n_c, cmax, csum, n_r if sym else 0,
+            row_lse, col_lse, loss_part,
+            M, D,
+            a.stride(0), a.stride(1), p.stride(0), p.stride(1),
+            SYM=sym, BLOCK=cfg.fin_block, BLOCK_D=cfg.fin_d,
+            num_warps=4,
+        )
     return loss_part, row_lse, col_lse
 
 
 def _backward(g, own, oth, posf, scale, lse_own, lse_oth, ids_own, ids_oth, inv_count, sym,
-              use_lse_own, use_lse_oth, d_oth_acc, write_gs):
-    """One backward sweep with `own` rows per program.
+              need_own, need_pos, write_gs):
+    """One sweep with `own` rows per program, over every tile of `oth`.
 
-    Returns (grad of own as float32 (N_own, D), grad of posf or None, grad_scale partials or None).
-    If d_oth_acc (float32 (N_oth, D), zeroed) is given, G^T @ own is added to it atomically.
+    Returns (grad of own in own's dtype or None, grad of posf or None, grad_scale partials or None).
+    lse_own / lse_oth: the log-sum-exps whose probabilities form G (None: that direction is not in G).
     """
     n_own, D = own.shape
     n_oth = oth.shape[0]
     dev = own.device
-    cfg = _pick_config(D, own.dtype, dev)
+    prec = dot_precision(own.dtype, dev)
+    cfg = _pick_config(D, own.dtype, prec, dev)
+    if not need_own and not need_pos:
+        cfg = cfg._replace(bwd_do=cfg.bwd_d)  # only the scale's gradient: one D slice, no own accumulator
     has_ids = ids_own is not None and ids_oth is not None
     ids_o_t, sido = _ids_args(ids_own if has_ids else None, own)
     ids_t_t, sidt = _ids_args(ids_oth if has_ids else None, own)
-    n_ob, tper, n_s = _bwd_grid(n_own, n_oth, cfg)
+    n_ob, tper, n_s, n_dr = _bwd_grid(n_own, n_oth, D, cfg)
 
     f32 = torch.float32
-    slab = torch.empty((n_s, n_own, D), dtype=f32, device=dev)
+    slab = torch.empty((n_s, n_own, D), dtype=f32, device=dev) if need_own else None
     has_pos = posf is not None
-    if has_pos:
-        d_posf = torch.empty((n_own, D), dtype=posf.dtype, device=dev)
-        pf, spn, spd = posf, posf.stride(0), posf.stride(1)
-        dpf, sdpn, sdpd = d_posf, d_posf.stride(0), d_posf.stride(1)
-    else:
-        d_posf = None
-        pf, spn, spd = own, 0, 0
-        dpf, sdpn, sdpd = slab, 0, 0
-    gs = torch.empty((n_ob * n_s,), dtype=f32, device=dev) if write_gs else slab
-    _bwd_kernel[(n_ob, n_s)](
-        own, oth, pf, scale, g,
-        lse_own if use_lse_own else slab, lse_oth if use_lse_oth else slab,
-        ids_o_t, ids_t_t,
-        slab, d_oth_acc if d_oth_acc is not None else slab, dpf, gs,
-        n_own, n_oth, D, tper, float(inv_count),
-        own.stride(0), own.stride(1), oth.stride(0), oth.stride(1), spn, spd,
-        sdpn, sdpd, sido, sidt,
-        HAS_IDS=has_ids, SYM=sym, LSE_OWN=use_lse_own, LSE_OTH=use_lse_oth,
-        HAS_POS=has_pos, ATOMIC_OTH=d_oth_acc is not None, WRITE_GS=write_gs,
-        BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d,
-        num_warps=cfg.warps_bwd,
-    )
-    d_own = slab[0] if n_s == 1 else slab.sum(dim=0)
-    return d_own, d_posf, (gs if write_gs else None)
+    d_posf = torch.empty((n_own, D), dtype=posf.dtype, device=dev) if has_pos and need_pos else None
+    pf, spn, spd = (posf, posf.stride(0), posf.stride(1)) if has_pos else (own, 0, 0)
+    dpf, sdpn, sdpd = (d_posf, d_posf.stride(0), d_posf.stride(1)) if d_posf is not None else (own, 0, 0)
+    gs = torch.empty((n_ob * n_s,), dtype=f32, device=dev) if write_gs else None
+    placeholder = own  # pointer arguments a mode does not read or write
+    with device_guard(dev):
+        wrap_triton(_bwd_kernel)[(n_ob, n_s, n_dr)](
+            own, oth, pf, scale, g,
+            lse_own if lse_own is not None else placeholder, lse_oth if lse_oth is not None else placeholder,
+            ids_o_t, ids_t_t,
+            slab if slab is not None else placeholder, dpf, gs if gs is not None else placeholder,
+            n_own, n_oth, D, tper, float(inv_count),
+            own.stride(0), own.stride(1), oth.stride(0), oth.stride(1), spn, spd,
+            sdpn, sdpd, sido, sidt,
+            HAS_IDS=has_ids, SYM=sym, LSE_OWN=lse_own is not None, LSE_OTH=lse_oth is not None,
+            HAS_POS=has_pos, NEED_OWN=need_own, NEED_POS=d_posf is not None, WRITE_GS=write_gs, PREC=prec,
+            BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d, BLOCK_DO=cfg.bwd_do,
+            num_warps=cfg.warps_bwd,
+        )
+    d_own = None
+    if need_own:
+        d_own = (slab[0] if n_s == 1 else slab.sum(dim=0)).to(own.dtype)
+    return d_own, d_posf, gs
 
 
 def _scalar(x):
     """0-d device tensor used only as a value (its data pointer)."""
     return x.detach()
+
+
+def _empty_grad(like):
+    """Placeholder returned for a gradient that was not asked for (the op's autograd returns None for it)."""
+    return like.new_empty((0,))
 
 
 # --------------------------------------------------------------------------
@@ -555,26 +558,31 @@ def clip_loss_fwd(image, text, logit_scale, ids):
     return loss, row_lse, col_lse
 
 
-def clip_loss_bwd(grad_loss, image, text, logit_scale, ids, row_lse, col_lse):
-    """Returns (grad_image, grad_text in the feature dtype, grad_scale 0-d in logit_scale's dtype)."""
-    B, D = image.shape
+def clip_loss_bwd(grad_loss, image, text, logit_scale, ids, row_lse, col_lse, output_mask=(True, True, True)):
+    """Returns (grad_image, grad_text in the feature dtype, grad_scale 0-d in logit_scale's dtype); a gradient
+    whose ``output_mask`` entry is False is not computed (an empty tensor stands in its place).
+
+    Two sweeps, one per side, each holding its own gradient in registers: G @ text with image rows per
+    program, then G^T @ image with text rows per program (no atomics: deterministic).
+    """
+    need_img, need_txt, need_scale = (bool(x) for x in output_mask)
+    B = image.shape[0]
     scale = _scalar(logit_scale)
     g = _scalar(grad_loss)
     row_lse = row_lse.to(torch.float32).contiguous()
     col_lse = col_lse.to(torch.float32).contiguous()
     inv = 1.0 / (2 * B)
-    if torch.are_deterministic_algorithms_enabled():
-        # two sweeps, each gradient reduced inside its own programs
-        d_img, _, gs = _backward(g, image, text, None, scale, row_lse, col_lse, ids, ids, inv,
-                                 True, True, True, None, True)
-        d_txt, _, _ = _backward(g, text, image, None, scale, col_lse, row_lse, ids, ids, inv,
-                                True, True, True, None, False)
-    else:
-        d_txt = torch.zeros((B, D), dtype=torch.float32, device=image.device)
-        d_img, _, gs = _backward(g, image, text, None, scale, row_lse, col_lse, ids, ids, inv,
-                                 True, True, True, d_txt, True)
-    grad_scale = gs.sum().to(logit_scale.dtype)
-    return d_img.to(image.dtype), d_txt.to(text.dtype), grad_scale
+    d_img = d_txt = gs = None
+    if need_img or (need_scale and not need_txt):
+        d_img, _, gs = _backward(g, image, text, None, scale, row_lse, col_lse, ids, ids, inv, True,
+                                 need_img, False, need_scale)
+    if need_txt:
+        d_txt, _, gs_t = _backward(g, text, image, None, scale, col_lse, row_lse, ids, ids, inv, True,
+                                   True, False, need_scale and gs is None)
+        gs = gs if gs is not None else gs_t
+    return (d_img if need_img else _empty_grad(image),
+            d_txt if need_txt else _empty_grad(text),
+            gs.sum().to(logit_scale.dtype) if need_scale else _empty_grad(logit_scale))
 
 
 def contrastive_rows_fwd(query, positive, keys, logit_scale, query_ids, key_ids):
@@ -584,20 +592,23 @@ def contrastive_rows_fwd(query, positive, keys, logit_scale, query_ids, key_ids)
     return loss_part.sum(), lse
 
 
-def contrastive_rows_bwd(grad_loss_sum, query, positive, keys, logit_scale, query_ids, key_ids, lse):
-    """Returns (grad_query, grad_positive, grad_keys in the feature dtype, grad_scale 0-d)."""
-    K, D = keys.shape
+def contrastive_rows_bwd(grad_loss_sum, query, positive, keys, logit_scale, query_ids, key_ids, lse,
+                         output_mask=(True, True, True, True)):
+    """Returns (grad_query, grad_positive, grad_keys in the feature dtype, grad_scale 0-d); a gradient whose
+    ``output_mask`` entry is False is not computed (an empty tensor stands in its place). A bank of keys
+    that needs no gradient (a momentum queue) costs no sweep of its own."""
+    need_q, need_p, need_k, need_scale = (bool(x) for x in output_mask)
     scale = _scalar(logit_scale)
     g = _scalar(grad_loss_sum)
     lse = lse.to(torch.float32).contiguous()
-    if torch.are_deterministic_algorithms_enabled():
-        d_q, d_p, gs = _backward(g, query, keys, positive, scale, lse, None, query_ids, key_ids, 1.0,
-                                 False, True, False, None, True)
-        d_k, _, _ = _backward(g, keys, query, None, scale, None, lse, key_ids, query_ids, 1.0,
-                              False, False, True, None, False)
-    else:
-        d_k = torch.zeros((K, D), dtype=torch.float32, device=keys.device)
-        d_q, d_p, gs = _backward(g, query, keys, positive, scale, lse, None, query_ids, key_ids, 1.0,
-                                 False, True, False, d_k, True)
-    grad_scale = gs.sum().to(logit_scale.dtype)
-    return d_q.to(query.dtype), d_p, d_k.to(keys.dtype), grad_scale
+    d_q = d_p = d_k = gs = None
+    if need_q or need_p or need_scale:
+        d_q, d_p, gs = _backward(g, query, keys, positive, scale, lse, None, query_ids, key_ids, 1.0, False,
+                                 need_q, need_p, need_scale)
+    if need_k:
+        d_k, _, _ = _backward(g, keys, query, None, scale, None, lse, key_ids, query_ids, 1.0, False,
+                              True, False, False)
+    return (d_q if need_q else _empty_grad(query),
+            d_p if need_p else _empty_grad(positive),
+            d_k if need_k else _empty_grad(keys),
+            gs.sum().to(logit_scale.dtype) if need_scale else _empty_grad(logit_scale))
