@@ -5,8 +5,14 @@
 1. generates the synthetic catalogue if it is absent (``eclip-data synth``);
 2. trains eclip-tiny (decoder and its losses on) and the CLIP baseline (decoder off: ITC only) with the same
    data, steps and optimizer;
-3. evaluates both on the held-out products with the zero-shot suite and prints the tables side by side;
-4. writes the training curves and grounding maps of a few held-out images as PNG files.
+3. evaluates both on the held-out products with the zero-shot suite (:mod:`eclip.eval.zero_shot`) and prints
+   its tables side by side: every task with the ECLIP method, the CLIP methods of both models, the trivial
+   baselines and the chance level;
+4. writes ``results.json`` (a ``summary`` block of headline numbers per model, then every number of both
+   evaluations), the training curves and the grounding maps of a few held-out customer photos as PNG files.
+
+A folder that already holds a model's final checkpoint is not trained again (``--out`` of an earlier run
+re-evaluates its models). A catalogue made with ``eclip-data synth`` options is used as it is (``--data``).
 """
 
 from __future__ import annotations
@@ -19,24 +25,31 @@ import time
 
 import torch
 
+from eclip._deps import TRAIN, require
 from eclip.data.manifest import read_manifest, split
-from eclip.eval.zero_shot import SECTIONS, evaluate
+from eclip.eval import report
+from eclip.eval.zero_shot import evaluate, read_product_info
 from eclip.train import preset, train
 from eclip.train.trainer import load_trained, manifest_path
 
 RUNS = {"ECLIP": {}, "CLIP baseline": {"use_decoder": False, "queue_size": 0}}
 
 
-def _side_by_side(results: dict) -> str:
-    names = list(results)
-    lines = [f"| task | metric | {' | '.join(names)} |", "|---|---|" + "---:|" * len(names)]
-    for key, title, metrics in SECTIONS:
-        for metric in metrics:
-            cells = []
-            for name in names:
-                value = results[name].get(key, {}).get(metric)
-                cells.append("-" if value is None else f"{value:.2f}")
-            lines.append(f"| {title} | {metric} | {' | '.join(cells)} |")
+def demo_summary(results: dict[str, dict], seconds: float) -> tuple[dict, dict]:
+    """The ``summary`` block of results.json: each headline key (:data:`eclip.eval.report.SUMMARY_KEYS`) ->
+    {model name: percent}, plus ``seconds``; and the method each model's number came from."""
+    block = {key: {name: r["summary"][key] for name, r in results.items()} for key in report.SUMMARY_KEYS}
+    block["seconds"] = round(seconds, 1)
+    return block, {name: r["summary_methods"] for name, r in results.items()}
+
+
+def _format_summary(block: dict) -> str:
+    names = [n for n in next(iter(block.values()))] if block else []
+    lines = ["| summary key | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for key, values in block.items():
+        if key == "seconds":
+            continue
+        lines.append(f"| {key} | " + " | ".join("-" if values[n] is None else f"{values[n]:.2f}" for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -61,13 +74,16 @@ def _plot_curves(histories: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _plot_grounding(model, tokenizer, products, image_size: int, path: str, count: int = 6) -> None:
+def _plot_grounding(models: dict, tokenizer, products, image_size: int, path: str, count: int = 6) -> None:
+    """Held-out customer photos, the ECLIP decoder's attention map of the product text and each model's
+    patch-text similarity map (the CLIP localisation), with the true product box."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    from eclip.eval.features import adapter_for, upsample_grid
     from eclip.eval.zero_shot import load_image, scale_box
 
     picks = [(p, im) for p in products for im in p.images if im.source == "customer" and im.box][:count]
@@ -78,21 +94,33 @@ def _plot_grounding(model, tokenizer, products, image_size: int, path: str, coun
         tensor, size = load_image(image.path, image_size)
         images.append(tensor)
         boxes.append(scale_box(image.box, size, image_size))
+    pixels = torch.stack(images)
     ids, mask = tokenizer([p.text for p, _ in picks])
+    rows = [("image", None)]
     with torch.no_grad():
-        maps = model.grounding_map(torch.stack(images), ids, mask, generator=torch.Generator().manual_seed(0))
+        for name, model in models.items():
+            fx = adapter_for(model, seed=0)
+            feats, texts = fx.images(pixels), fx.texts(ids, mask)
+            if fx.has_decoder:
+                rows.append((f"{name}: decoder attention", fx.decoder_maps(feats["state"], texts["state"])))
+            sim = torch.einsum("bnd,bd->bn", feats["patches"], texts["embedding"])
+            rows.append((f"{name}: patch-text map", upsample_grid(sim, fx.grid, image_size)))
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    fig, axes = plt.subplots(2, len(picks), figsize=(2.4 * len(picks), 5.2))
-    for i, ((product, _), image, box, heat) in enumerate(zip(picks, images, boxes, maps)):
+    fig, axes = plt.subplots(len(rows), len(picks), figsize=(2.4 * len(picks), 2.5 * len(rows)), squeeze=False)
+    for i, ((product, _), image, box) in enumerate(zip(picks, images, boxes)):
         rgb = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-        for row in range(2):
-            axes[row, i].imshow(rgb)
-            axes[row, i].axis("off")
-        axes[1, i].imshow(heat.numpy(), alpha=0.6, cmap="jet")
-        x0, y0, x1, y1 = box
-        axes[1, i].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.5))
+        for r, (label, maps) in enumerate(rows):
+            ax = axes[r, i]
+            ax.imshow(rgb)
+            ax.axis("off")
+            if maps is not None:
+                ax.imshow(maps[i].numpy(), alpha=0.6, cmap="jet")
+                x0, y0, x1, y1 = box
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.5))
+            if i == 0 and r > 0:
+                ax.set_title(label, fontsize=7, loc="left")
         axes[0, i].set_title(product.text[:28], fontsize=7)
-    fig.suptitle("held-out customer photos: grounding map of the product text (box: the true product)")
+    fig.suptitle("held-out customer photos: maps of the product text, colour scale per map (box: the true product)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -110,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    require("eclip-demo", *TRAIN, "matplotlib")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -120,10 +149,11 @@ def main(argv=None) -> int:
         print(f"generating the synthetic catalogue in {args.data} ...")
         generate_catalogue(args.data, args.products, args.images_per_product, args.size, args.seed)
     products = read_manifest(manifest_path(args.data))
+    info = read_product_info(manifest_path(args.data))
     _, heldout = split(products, 0.1)
     print(f"catalogue: {len(products)} products, {len(heldout)} held out for evaluation")
 
-    histories, results = {}, {}
+    histories, results, models = {}, {}, {}
     import eclip.models as em
 
     for name, model_overrides in RUNS.items():
@@ -138,21 +168,30 @@ def main(argv=None) -> int:
         model = load_trained(cfg)
         tokenizer = em.tokenizer_for(model)
         print(f"== evaluating {name} on {len(heldout)} held-out products")
-        results[name] = evaluate(model, heldout, tokenizer, model.config.image_size, seed=args.seed)
-        if name == "ECLIP":
-            grounding_png = os.path.join(args.out, "grounding.png")
-            _plot_grounding(model, tokenizer, heldout, model.config.image_size, grounding_png)
+        eval_start = time.perf_counter()
+        results[name] = evaluate(model, heldout, tokenizer, model.config.image_size, seed=args.seed,
+                                 product_info=info)
+        print(f"   evaluated in {time.perf_counter() - eval_start:.1f} s")
+        models[name] = model
 
     os.makedirs(args.out, exist_ok=True)
     curves_png = os.path.join(args.out, "training_curves.png")
     _plot_curves(histories, curves_png)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nZero-shot results on {len(heldout)} held-out products (%):\n")
-    print(_side_by_side(results))
-    print(f"\nfiles: {curves_png}, {os.path.join(args.out, 'grounding.png')}, "
-          f"{os.path.join(args.out, 'results.json')}, runs and checkpoints in {args.out}/")
-    print(f"demo took {time.perf_counter() - start:.0f} s")
+    grounding_png = os.path.join(args.out, "grounding.png")
+    _plot_grounding(models, tokenizer, heldout, models["ECLIP"].config.image_size, grounding_png)
+    print(f"\nZero-shot results on {len(heldout)} held-out products (%); docs/evaluation.md explains the "
+          "protocol:\n")
+    print(report.format_comparison(results, verbose=True))
+    seconds = time.perf_counter() - start
+    summary, methods = demo_summary(results, seconds)
+    print("\nHeadline numbers (results.json \"summary\"; each model's own method, see \"summary_methods\"):\n")
+    print(_format_summary(summary))
+    results_json = os.path.join(args.out, "results.json")
+    with open(results_json, "w") as f:
+        json.dump({"summary": summary, "summary_methods": methods, "models": results}, f, indent=1)
+        f.write("\n")
+    print(f"\nfiles: {curves_png}, {grounding_png}, {results_json}, runs and checkpoints in {args.out}/")
+    print(f"demo took {seconds:.0f} s")
     return 0
 
 

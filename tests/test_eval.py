@@ -1,8 +1,11 @@
-"""The zero-shot evaluation suite (eclip.eval): metrics on hand-computed cases, an oracle model that scores 100
-on every task, and a randomly initialized eclip-tiny on a small catalogue written here with PIL."""
+"""The zero-shot evaluation suite (eclip.eval): metrics on hand-computed cases, chance levels against brute
+force, aggregation over runs, and eclip-eval on a small catalogue written here with PIL (images of several
+sizes, images without a box, a product without a customer photo). tests/test_eval_protocol.py has the oracle
+and text-only models."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -12,6 +15,7 @@ import torch
 
 from eclip.data.manifest import read_manifest
 from eclip.eval import metrics as M
+from eclip.eval import report as R
 from eclip.eval import zero_shot as Z
 
 # --- metrics ---------------------------------------------------------------------------------------------
@@ -99,6 +103,97 @@ def test_grounding_accuracy_ties_go_to_the_larger_box_and_padding_is_ignored():
     assert no_valid == {0.5: 0.0, 0.7: 0.0}
 
 
+def test_expected_recall_averages_over_tied_orders():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0],    # all tied: the relevant item is at a random rank
+                           [3.0, 2.0, 1.0, 0.0],    # rank 2
+                           [1.0, 2.0, 2.0, 0.0],    # tied for first with one other
+                           [0.0, 5.0, 5.0, 5.0]])   # two relevant items tie with a third for first
+    relevant = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    got = M.expected_recall_at_k(scores, relevant, (1, 2, 3, 9))
+    # per query R@1: 1/4, 0, 1/2, 2/3; R@2: 1/2, 1, 1, 1 (one of 3 left out); R@3: 3/4, 1, 1, 1
+    assert got[1] == pytest.approx((1 / 4 + 0 + 1 / 2 + 2 / 3) / 4)
+    assert got[2] == pytest.approx((1 / 2 + 1 + 1 + 1) / 4)
+    assert got[3] == pytest.approx((3 / 4 + 1 + 1 + 1) / 4)
+    assert got[9] == pytest.approx(1.0)
+    # without ties it is recall_at_k; with every score equal it is the chance level
+    distinct = torch.rand(5, 7, generator=torch.Generator().manual_seed(0))
+    rel = torch.rand(5, 7, generator=torch.Generator().manual_seed(1)) < 0.3
+    assert M.expected_recall_at_k(distinct, rel, (1, 3)) == pytest.approx(M.recall_at_k(distinct, rel, (1, 3)))
+    flat = M.expected_recall_at_k(torch.zeros(5, 7), rel, (1, 3))
+    assert flat == pytest.approx(M.chance_recall_at_k(rel.sum(dim=1), 7, (1, 3)))
+
+
+def test_chance_levels_match_brute_force_over_every_order():
+    gallery, num_relevant = 6, 2
+    relevant = torch.zeros(1, gallery, dtype=torch.bool)
+    relevant[0, :num_relevant] = True
+    recalls, maps = {1: 0.0, 3: 0.0}, {1: 0.0, 3: 0.0, 10: 0.0}
+    orders = list(itertools.permutations(range(gallery)))
+    for order in orders:
+        scores = -torch.tensor(order, dtype=torch.float64)[None]  # item order[j] ... any permutation
+        for k, v in M.recall_at_k(scores, relevant, recalls).items():
+            recalls[k] += v / len(orders)
+        for k, v in M.mean_average_precision_at_k(scores, relevant, maps).items():
+            maps[k] += v / len(orders)
+    assert M.chance_recall_at_k(num_relevant, gallery, (1, 3)) == pytest.approx(recalls)
+    assert M.chance_map_at_k(num_relevant, gallery, (1, 3, 10)) == pytest.approx(maps)
+    assert M.chance_recall_at_k(1, 307, (1, 5, 10)) == pytest.approx({1: 1 / 307, 5: 5 / 307, 10: 10 / 307})
+    assert M.binomial_noise(0.5, 100) == pytest.approx(0.1)
+    assert math.isnan(M.binomial_noise(0.5, 0))
+
+
+def test_trivial_grounding_baselines():
+    target = torch.tensor([[10.0, 10, 20, 20], [0, 0, 30, 30]])
+    cands = torch.tensor([[[10.0, 10, 20, 20], [0, 0, 40, 40], [0, 0, 6, 6], [0, 0, 0, 0]],
+                          [[0.0, 0, 30, 30], [14, 14, 26, 26], [36, 36, 40, 40], [0, 0, 0, 0]]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    assert M.select_largest_box(cands, valid).tolist() == [1, 0]
+    # image of side 40: centres (15, 15), (20, 20), (3, 3) | (15, 15), (20, 20), (38, 38)
+    assert M.select_centre_box(cands, 40, valid).tolist() == [1, 1]
+    assert M.random_box_accuracy(cands, target, valid, (0.5,)) == pytest.approx({0.5: (1 / 3 + 1 / 3) / 2})
+    choice = torch.tensor([0, 2])
+    assert M.choice_accuracy(choice, cands, target, valid, (0.5,)) == {0.5: 0.5}
+
+
+def test_patch_coverage_and_attention_in_box():
+    boxes = torch.tensor([[0.0, 0, 32, 32], [8, 8, 24, 40]])
+    cover = M.patch_coverage(boxes, 4, 64)
+    assert cover[0].reshape(4, 4).tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert cover[1].reshape(4, 4)[:3, :2].tolist() == [[0.25, 0.25], [0.5, 0.5], [0.25, 0.25]]
+    assert cover.mean(dim=1).tolist() == pytest.approx([0.25, 16 * 32 / 64 ** 2])  # the box's share
+    weights = torch.zeros(2, 16)
+    weights[0, 0] = 1.0  # all on one patch inside the box
+    weights[1] = 1.0  # uniform
+    stats = M.attention_in_box(weights, cover)
+    assert stats["mass_in_box"].tolist() == pytest.approx([1.0, cover[1].mean().item()])
+    assert stats["effective_tokens"].tolist() == pytest.approx([1.0, 16.0])
+    assert stats["box_tokens"].tolist() == pytest.approx([4.0, 2.0])
+    assert stats["chance_mass_in_box"].tolist() == pytest.approx(cover.mean(dim=1).tolist())
+
+
+def test_aggregate_gives_mean_and_sample_std():
+    def run(value, seed):
+        return {"catalogue": {}, "settings": {"seed": seed}, "summary": {"fine_r1": value},
+                "tasks": {"t": {"rows": {"m": {"R@1": value, "R@5": None}, "chance": {"R@1": 1.0, "R@5": None}}}},
+                "diagnostics": {"rows": {"m": {"mass_in_box": value}}}}
+    out = R.aggregate([run(1.0, 0), run(3.0, 1)])
+    assert out["runs"] == 2 and out["settings"]["seed"] == [0, 1]
+    assert out["tasks"]["t"]["rows"]["m"] == {"R@1": 2.0, "R@5": None}
+    assert out["tasks"]["t"]["std"]["m"]["R@1"] == pytest.approx(math.sqrt(2.0))
+    assert out["tasks"]["t"]["std"]["chance"]["R@1"] == 0.0
+    assert out["summary"]["fine_r1"] == 2.0 and out["summary_std"]["fine_r1"] == pytest.approx(math.sqrt(2.0))
+    assert R.aggregate([run(1.0, 0)])["runs"] == 1
+    with pytest.raises(ValueError):
+        R.aggregate([])
+
+
+def test_square_crop_around_a_box():
+    assert Z.square_around([10, 20, 30, 30], 64, 64) == [10, 15, 30, 35]
+    assert Z.square_around([0, 0, 10, 40], 64, 64) == [0, 0, 40, 40]  # moved inside the image
+    assert Z.square_around([50, 10, 64, 20], 64, 64) == [50, 8, 64, 22]
+    assert Z.square_around([0, 0, 80, 10], 80, 60) == [10, 0, 70, 60]  # cut to the image, centred
+
+
 # --- a synthetic catalogue -------------------------------------------------------------------------------
 
 PRODUCTS = [  # (product id, text, category, [(source, (width, height), box or None, distractors)])
@@ -154,115 +249,9 @@ def _write_catalogue(folder) -> str:
     return path
 
 
-class Oracle:
-    """A model that copies the answers: it recognizes each image by its background colour (the top-left
-    pixel) and each text by its token ids, and embeds [one-hot(product), one-hot(category)]; its grounding map
-    is 1 inside the true box and 0 elsewhere."""
-
-    def __init__(self, tokenizer, image_size, prompt=Z.DEFAULT_PROMPT):
-        categories = sorted({c for _, _, c, _ in PRODUCTS})
-        self.dim = len(PRODUCTS) + len(categories)
-        self.image_size = image_size
-        mean, std = torch.tensor(Z.IMAGENET_MEAN), torch.tensor(Z.IMAGENET_STD)
-        colours, self.image_product, self.image_box = [], [], []
-        flat = 0
-        for p, (_, _, _, images) in enumerate(PRODUCTS):
-            for _, (w, h), box, _ in images:
-                colours.append((torch.tensor(_background(flat)) / 255.0 - mean) / std)
-                self.image_product.append(p)
-                self.image_box.append(None if box is None else
-                                      torch.tensor([box[0] * image_size / w, box[1] * image_size / h,
-                                                    box[2] * image_size / w, box[3] * image_size / h]))
-                flat += 1
-        self.colours = torch.stack(colours)
-        self.category_of = [len(PRODUCTS) + categories.index(c) for _, _, c, _ in PRODUCTS]
-        self.texts = {}
-        for p, (_, text, _, _) in enumerate(PRODUCTS):
-            self.texts[tuple(tokenizer([text])[0][0].tolist())] = self._vector([p, self.category_of[p]])
-        for i, c in enumerate(categories):
-            self.texts[tuple(tokenizer([prompt.format(c)])[0][0].tolist())] = self._vector([len(PRODUCTS) + i])
-        self.calls = {"instance": 0, "grounding": 0}
-
-    def _vector(self, hot):
-        v = torch.zeros(self.dim)
-        v[hot] = 1.0
-        return v / v.norm()
-
-    def _which(self, images):
-        return torch.cdist(images[:, :, 0, 0], self.colours).argmin(dim=1).tolist()
-
-    def encode_image(self, images):
-        return torch.stack([self._vector([self.image_product[i], self.category_of[self.image_product[i]]])
-                            for i in self._which(images)])
-
-    def encode_text(self, input_ids, attention_mask):
-        return torch.stack([self.texts[tuple(row.tolist())] for row in input_ids])
-
-    def instance_features(self, images, *, input_ids=None, attention_mask=None, generator=None):
-        self.calls["instance"] += 1
-        return self.encode_image(images)
-
-    def grounding_map(self, images, input_ids, attention_mask):
-        self.calls["grounding"] += 1
-        maps = torch.zeros(images.shape[0], self.image_size, self.image_size)
-        for row, i in enumerate(self._which(images)):
-            c0, r0, c1, r1 = M.box_pixel_bounds(self.image_box[i], self.image_size, self.image_size).tolist()
-            maps[row, r0:r1, c0:c1] = 1.0
-        return maps
-
-
-def _metric_values(results):
-    for key, _, columns in Z.SECTIONS:
-        for column in columns:
-            yield f"{key}/{column}", results[key][column]
-
-
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory):
     return _write_catalogue(str(tmp_path_factory.mktemp("catalogue")))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    pytest.importorskip("tokenizers")
-    from eclip.models.config import TINY_VOCAB
-    from eclip.models.tokenizer import TextTokenizer
-
-    return TextTokenizer(TINY_VOCAB, 32)
-
-
-def test_an_oracle_scores_100_on_every_task(catalogue, tokenizer):
-    products = read_manifest(catalogue)
-    oracle = Oracle(tokenizer, image_size=48)
-    results = Z.evaluate(oracle, products, tokenizer, image_size=48, batch_size=3, seed=1)
-    for name, value in _metric_values(results):
-        assert value == pytest.approx(100.0), name
-    generic = Z.evaluate(oracle, products, tokenizer, image_size=48, batch_size=3, seed=1, retrieval_prompt="generic")
-    for name, value in _metric_values(generic):
-        assert value == pytest.approx(100.0), name
-    assert results["classification"]["n"] == 12
-    assert results["image_to_text"]["n"] == 6
-    # one query per product with >= 2 images; the gallery is every other image
-    assert results["fine_retrieval"]["n"] == 5 and results["fine_retrieval"]["gallery"] == 7
-    assert results["grounding"]["n"] == 11
-    assert oracle.calls["instance"] == 8 and oracle.calls["grounding"] == 8  # 2 runs, batches of 3
-
-
-def test_a_blind_model_does_not_score_100(catalogue, tokenizer):
-    """Constant embeddings and a constant map: ties must not hand out the answers."""
-    class Blind(Oracle):
-        def encode_image(self, images):
-            return torch.ones(images.shape[0], self.dim) / self.dim ** 0.5
-
-        def encode_text(self, input_ids, attention_mask):
-            return torch.ones(input_ids.shape[0], self.dim) / self.dim ** 0.5
-
-        def grounding_map(self, images, input_ids, attention_mask):
-            return torch.ones(images.shape[0], self.image_size, self.image_size)
-
-    results = Z.evaluate(Blind(tokenizer, 48), read_manifest(catalogue), tokenizer, image_size=48)
-    assert results["classification"]["Acc@1"] < 100 and results["image_to_text"]["R@1"] < 100
-    assert results["fine_retrieval"]["R@1"] < 100 and results["grounding"]["Acc@0.7"] < 100
 
 
 @pytest.fixture(scope="module")
@@ -276,60 +265,86 @@ def tiny():
     return model, em.tokenizer_for(model)
 
 
-def test_random_eclip_tiny_gives_finite_numbers_for_every_metric(catalogue, tiny):
+def _numbers(results):
+    for key, task in results["tasks"].items():
+        for method, row in task["rows"].items():
+            for column, value in row.items():
+                yield f"{key}/{method}/{column}", value
+
+
+def test_queries_gallery_and_candidates_of_a_mixed_catalogue(catalogue, tiny):
     model, tokenizer = tiny
-    model.train()
-    products = read_manifest(catalogue)
-    results = Z.evaluate(model, products, tokenizer, model.config.image_size, batch_size=4, seed=0)
-    for name, value in _metric_values(results):
-        assert value is not None and math.isfinite(value) and 0.0 <= value <= 100.0, (name, value)
-    assert model.training  # the mode is restored
-    again = Z.evaluate(model, products, tokenizer, model.config.image_size, batch_size=4, seed=0)
-    assert list(_metric_values(again)) == list(_metric_values(results))  # seeded: reproducible
-    assert results["settings"]["instance_features"] == "decoder"
-    generic = Z.evaluate(model, products, tokenizer, model.config.image_size, batch_size=4, seed=0,
-                         retrieval_prompt="generic")
-    assert generic["settings"]["retrieval_prompt"] == "generic"
-    for name, value in _metric_values(generic):
-        assert math.isfinite(value), name
-    assert generic["classification"] == results["classification"]  # only the retrieval prompt changed
-    with pytest.raises(ValueError, match="retrieval_prompt"):
-        Z.evaluate(model, products, tokenizer, model.config.image_size, retrieval_prompt="title")
+    results = Z.evaluate(model, read_manifest(catalogue), tokenizer, model.config.image_size, batch_size=4, seed=0)
+    tasks = results["tasks"]
+    assert results["catalogue"]["images_by_source"] == {"merchant": 6, "ad": 2, "customer": 4}
+    assert tasks["classification"]["n"] == 12 and tasks["classification"]["n_by_source"]["ad"] == 2
+    # customer photos of products with a merchant image (p0, p1, p2, p4) against the 6 merchant images
+    assert tasks["fine_retrieval"]["n"] == 4 and tasks["fine_retrieval"]["gallery"] == 6
+    assert tasks["fine_retrieval"]["rows"]["chance"]["R@1"] == pytest.approx(100 / 6)
+    assert tasks["fine_retrieval"]["rows"]["chance"]["R@10"] == pytest.approx(100.0)
+    assert tasks["image_to_text"]["n"] == 6
+    # every image with a box is grounded, per source (p1's ad image has no box)
+    assert (tasks["grounding_merchant"]["n"], tasks["grounding_ad"]["n"], tasks["grounding_customer"]["n"]) == (6, 1, 4)
+    # the product, its distractors and 5 decoys
+    assert tasks["grounding_customer"]["mean_candidates"] == pytest.approx(5 + (1 + 2 + 1 + 2) / 4)
+    # a random object: p0 and p2 show only the product, p1 and p4 one distractor each
+    assert tasks["grounding_customer"]["rows"]["random_object"]["Acc@0.5"] == pytest.approx(75.0)
+    assert "fine_retrieval_family" not in tasks and "grounding_customer_same_category" not in tasks
+    for name, value in _numbers(results):
+        assert value is not None and 0.0 <= value <= 100.0, name
+    assert results["diagnostics"]["n"] == 4 and results["diagnostics"]["tokens"] == 16
+    with pytest.raises(ValueError, match="class prompts"):
+        Z.evaluate(model, read_manifest(catalogue), tokenizer, model.config.image_size, class_prompts="a photo")
 
 
-def test_a_model_without_decoder_falls_back_to_global_features(catalogue):
-    pytest.importorskip("timm")
-    pytest.importorskip("transformers")
-    import eclip.models as em
-    model = em.create("eclip-tiny", use_decoder=False)
-    results = Z.evaluate(model, read_manifest(catalogue), em.tokenizer_for(model), model.config.image_size)
-    assert results["settings"]["instance_features"] == "global"
-    assert math.isfinite(results["fine_retrieval"]["mAP@10"])
-    assert results["grounding"]["n"] == 0 and results["grounding"]["Acc@0.5"] is None
-    assert "skipped" in Z.format_table(results)
+def test_class_prompt_templates():
+    assert Z.class_prompt_templates("category") == ("{}",)
+    templates = Z.class_prompt_templates("templates")
+    assert "{}" in templates and "red {}" in templates and len(templates) > 20
+    assert Z.class_prompt_templates("a photo of a {}") == ("a photo of a {}",)
+    with pytest.raises(ValueError):
+        Z.class_prompt_templates(["{}", "no slot"])
 
 
-def test_main_prints_the_table_and_writes_json(catalogue, tiny, tmp_path, capsys):
-    model, _ = tiny
+def test_main_prints_the_tables_and_writes_json(catalogue, tiny, tmp_path, capsys):
+    model, tokenizer = tiny
     checkpoint = str(tmp_path / "model.pt")
     torch.save(model.state_dict(), checkpoint)
     out = str(tmp_path / "out" / "results.json")
     code = Z.main(["--catalogue", catalogue, "--all", "--checkpoint", checkpoint, "--batch-size", "5",
-                   "--out", out, "--device", "cpu"])
+                   "--json", out, "--device", "cpu", "--seeds", "0", "1", "--verbose",
+                   "--class-prompts", "templates"])
     printed = capsys.readouterr().out
     assert code == 0
-    for _, title, columns in Z.SECTIONS:
-        assert title in printed
-        header = printed.split(title, 1)[1].splitlines()[2]
-        assert [cell.strip() for cell in header.strip("| ").split("|")] == list(columns)
+    for title in ("Fine-grained product retrieval", "Visual grounding, customer images", "Attention diagnostics",
+                  "Product classification", "noise: 2 s.e."):
+        assert title in printed, title
+    assert "mean ± std over 2 runs" in printed and " ± " in printed
     with open(out) as f:
         saved = json.load(f)
-    assert saved["num_products"] == 6 and saved["settings"]["split"] == "all products"
-    for _, value in _metric_values(saved):
-        assert math.isfinite(value)
-    # the same weights through evaluate() directly give the same numbers
-    direct = Z.evaluate(model, read_manifest(catalogue), tiny[1], model.config.image_size, batch_size=5, seed=0)
-    assert list(_metric_values(direct)) == list(_metric_values(saved))
+    assert saved["runs"] == 2 and saved["settings"]["seeds"] == [0, 1]
+    assert saved["settings"]["split"] == "all products" and saved["catalogue"]["products"] == 6
+    assert set(saved["summary"]) == set(R.SUMMARY_KEYS) and set(saved["summary_std"]) == set(R.SUMMARY_KEYS)
+    assert saved["tasks"]["fine_retrieval"]["std"]["eclip_instance"]["R@1"] is not None
+    # one seed through evaluate() directly gives the same numbers as one seed through main()
+    assert Z.main(["--catalogue", catalogue, "--all", "--checkpoint", checkpoint, "--json", out,
+                   "--class-prompts", "templates"]) == 0
+    capsys.readouterr()
+    with open(out) as f:
+        saved = json.load(f)
+    direct = Z.evaluate(model, read_manifest(catalogue), tokenizer, model.config.image_size, seed=0,
+                        class_prompts="templates")
+    assert dict(_numbers(direct)) == pytest.approx(dict(_numbers(saved)))
+
+
+def test_main_random_init_differs_per_seed(catalogue, tmp_path, capsys):
+    out = str(tmp_path / "r.json")
+    assert Z.main(["--catalogue", catalogue, "--all", "--seeds", "3", "4", "--json", out]) == 0
+    capsys.readouterr()
+    with open(out) as f:
+        saved = json.load(f)
+    assert saved["settings"]["checkpoints"] is None
+    assert saved["tasks"]["classification"]["std"]["clip_global"]["Acc@1"] is not None
 
 
 def test_main_reports_input_errors(tmp_path, catalogue, capsys):
@@ -337,5 +352,6 @@ def test_main_reports_input_errors(tmp_path, catalogue, capsys):
     # a held-out fraction no product falls under
     assert Z.main(["--catalogue", catalogue, "--heldout-fraction", "0.0001"]) == 2
     assert "held-out split is empty" in capsys.readouterr().err
+    assert Z.main(["--catalogue", catalogue, "--all", "--class-prompts", "photo"]) == 2
     with pytest.raises(SystemExit):
         Z.main(["--catalogue", catalogue, "--all", "--heldout-fraction", "0.5"])

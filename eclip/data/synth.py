@@ -17,7 +17,24 @@ ad, merchant, ... (so every product with two images or more has at least two sou
 
 The manifest (:mod:`eclip.data.manifest`) records for each image the product's box and the distractors'
 boxes: tight boxes ``[x0, y0, x1, y1]`` in pixels, ``x1``/``y1`` exclusive, so
-``0 <= x0 < x1 <= size`` and ``0 <= y0 < y1 <= size``.
+``0 <= x0 < x1 <= size`` and ``0 <= y0 < y1 <= size``. Two files go next to it: ``attributes.jsonl`` (per
+product: its attributes, its variant family, the product it is a variant of, and the category of every
+distractor of every image; :func:`eclip.eval.zero_shot.read_product_info` reads it) and ``synth.json`` (the
+arguments of the generation).
+
+Options that make "the instance under clutter" testable (all off by default, which gives the catalogue of
+the first version byte for byte):
+
+* ``same_category_distractor`` (``--same-category-distractor P``): a share P of the customer photos get one
+  more distractor of the product's OWN category (other attributes, the product's size), so that grounding
+  the product needs its attributes, not only its category;
+* ``family_size`` (``--family-size K``): products come in variant families of K, the same item in K values of
+  one attribute (colour, pattern, pattern colour or mark); any two members differ in that attribute only.
+  The evaluation reports retrieval within families;
+* ``mark_min_px`` (``--mark-min-px R``): the mark's radius is at least R output pixels (at most about 0.4 of
+  the object's short side). By default it is about 2-3 pixels on a customer photo at 64 px, too small to
+  see through 16-pixel patches, although the texts name it;
+* ``marks=False`` (``--no-marks``): no mark at all, neither drawn nor in the texts.
 
 Output is deterministic: the attributes of product ``i`` are drawn from ``(seed, i)`` in the parent process
 and its images from another stream of ``(seed, i)`` wherever they are rendered, so the same arguments give
@@ -27,6 +44,8 @@ byte-identical PNG files and manifest whatever the number of workers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import multiprocessing
 import os
 import sys
@@ -38,6 +57,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from .manifest import Product, ProductImage, write_manifest
 
 MANIFEST_NAME = "catalogue.jsonl"
+ATTRIBUTES_NAME = "attributes.jsonl"
+SETTINGS_NAME = "synth.json"
 SOURCES = ("merchant", "customer", "ad")
 
 # Body colours: every name is a word of eclip/assets/vocab.txt.
@@ -63,6 +84,26 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 PATTERNS = ("plain", "striped", "dotted", "checked", "zigzag", "wavy")
 MARKS = ("star", "heart", "dot", "check")
 PREFIXES = ("new", "classic", "modern")
+MAX_FAMILY_SIZE = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthOptions:
+    """The catalogue options beyond size and seed (see the module docstring); the defaults give the
+    catalogue of the first version."""
+
+    same_category_distractor: float = 0.0
+    family_size: int = 1
+    mark_min_px: float = 0.0
+    marks: bool = True
+
+    def check(self) -> None:
+        if not 0.0 <= self.same_category_distractor <= 1.0:
+            raise ValueError(f"same_category_distractor must be in [0, 1], got {self.same_category_distractor}")
+        if not 1 <= self.family_size <= MAX_FAMILY_SIZE:
+            raise ValueError(f"family_size must be in [1, {MAX_FAMILY_SIZE}], got {self.family_size}")
+        if self.mark_min_px < 0:
+            raise ValueError(f"mark_min_px must be >= 0, got {self.mark_min_px}")
 
 # Supersampling factor: objects are drawn this many times larger, then box-filtered down.
 _SS = 3
@@ -161,6 +202,12 @@ SHAPES: dict[str, _Shape] = {
 }
 CATEGORIES = tuple(SHAPES)
 
+# Category prompts in the catalogue's own phrasing ("{}" = the category): the bare word, the marketing words
+# that lead some texts, and the colour and pattern words that precede the category in the texts. Their
+# embeddings, averaged, are the class embedding of the "templates" prompts of the zero-shot classification.
+CLASS_TEMPLATES = ("{}",) + tuple(f"{w} {{}}" for w in PREFIXES) + tuple(f"{c} {{}}" for c in COLOURS) + \
+    tuple(f"{p} {{}}" for p in PATTERNS)
+
 
 def _scaled(coords, w: int, h: int):
     if isinstance(coords, list):
@@ -252,9 +299,10 @@ _INK_DARK = (25, 25, 28)
 _INK_LIGHT = (250, 250, 250)
 
 
-def render_object(spec: tuple, w: int, h: int) -> tuple[Image.Image, Image.Image]:
+def render_object(spec: tuple, w: int, h: int, mark_min_px: float = 0.0) -> tuple[Image.Image, Image.Image]:
     """The object ``spec = (category, colour, pattern, pattern_colour, mark)`` drawn in a ``w`` x ``h``
-    box: (RGB image, L mask)."""
+    box: (RGB image, L mask). ``mark`` None draws no mark; ``mark_min_px`` > 0 makes the mark's radius at
+    least that many output pixels (at most 0.42 of the object's short side)."""
     category, colour, pattern, pattern_colour, mark = spec
     shape = SHAPES[category]
     body = COLOURS[colour]
@@ -287,8 +335,11 @@ def render_object(spec: tuple, w: int, h: int) -> tuple[Image.Image, Image.Image
     ink, halo = (_INK_DARK, _INK_LIGHT) if _luminance(surface) > 140 else (_INK_LIGHT, _INK_DARK)
     cx, cy, r = shape.mark
     cx, cy, r = cx * W, cy * H, max(0.7 * r * m, 1.8 * _SS)
-    _draw_mark(draw, mark, cx, cy, r * 1.3, halo)
-    _draw_mark(draw, mark, cx, cy, r, ink)
+    if mark_min_px > 0:
+        r = max(r, min(mark_min_px * _SS, 0.42 * m))
+    if mark is not None:
+        _draw_mark(draw, mark, cx, cy, r * 1.3, halo)
+        _draw_mark(draw, mark, cx, cy, r, ink)
 
     # A dark outline: the silhouette minus its erosion.
     outline = _shade(body, 0.45) if _luminance(body) > 60 else (90, 90, 96)
@@ -303,7 +354,7 @@ def render_object(spec: tuple, w: int, h: int) -> tuple[Image.Image, Image.Image
 # Product attributes and texts (drawn in the parent process).
 # ---------------------------------------------------------------------------------------------------------
 
-def _random_spec(rng: np.random.Generator, category: str | None = None) -> tuple:
+def _random_spec(rng: np.random.Generator, category: str | None = None, marks: bool = True) -> tuple:
     if category is None:
         category = CATEGORIES[rng.integers(len(CATEGORIES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
@@ -313,20 +364,22 @@ def _random_spec(rng: np.random.Generator, category: str | None = None) -> tuple
         options = _PATTERN_COLOURS[colour]
         pattern_colour = options[rng.integers(len(options))]
     mark = MARKS[rng.integers(len(MARKS))]
-    return (category, colour, pattern, pattern_colour, mark)
+    return (category, colour, pattern, pattern_colour, mark if marks else None)
 
 
 def _variant(rng: np.random.Generator, spec: tuple) -> tuple:
     """The same item with one detail changed (colour, pattern, pattern colour or mark)."""
     category, colour, pattern, pattern_colour, mark = spec
     field = rng.integers(4)
+    if field == 3 and mark is None:  # a catalogue without marks changes the colour instead
+        field = 0
     if field == 0:
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
     elif field == 1:
         pattern = PATTERNS[rng.integers(len(PATTERNS))]
     elif field == 2 and pattern != "plain":
         pattern_colour = None  # redrawn below
-    else:
+    elif mark is not None:
         mark = MARKS[rng.integers(len(MARKS))]
     if pattern == "plain":
         pattern_colour = None
@@ -336,15 +389,23 @@ def _variant(rng: np.random.Generator, spec: tuple) -> tuple:
     return (category, colour, pattern, pattern_colour, mark)
 
 
-def _attribute_space() -> int:
-    per_category = sum(1 + (len(PATTERNS) - 1) * len(_PATTERN_COLOURS[c]) for c in COLOURS) * len(MARKS)
+def _attribute_space(marks: bool = True) -> int:
+    per_category = sum(1 + (len(PATTERNS) - 1) * len(_PATTERN_COLOURS[c]) for c in COLOURS) * \
+        (len(MARKS) if marks else 1)
     return per_category * len(CATEGORIES)
 
 
 def describe(rng: np.random.Generator, spec: tuple) -> str:
     """A catalogue text for ``spec`` (one of a few phrasings, sometimes with a marketing word in front)."""
     category, c, p, pc, m = spec
-    if p == "plain":
+    if m is None:  # a catalogue without marks
+        if p == "plain":
+            templates = (f"plain {c} {category}", f"{c} plain {category}", f"plain {category} in {c}",
+                         f"{c} {category}, plain")
+        else:
+            templates = (f"{c} {category} with a {pc} {p} pattern", f"{c} and {pc} {p} {category}",
+                         f"{p} {category} in {c} and {pc}", f"{c} {category}, {pc} {p} pattern")
+    elif p == "plain":
         templates = (f"plain {c} {category} with a {m} mark",
                      f"{c} plain {category} with a {m} mark",
                      f"plain {category} in {c}, {m} mark",
@@ -360,26 +421,97 @@ def describe(rng: np.random.Generator, spec: tuple) -> str:
     return text
 
 
-def _catalogue_specs(products: int, seed: int) -> list[tuple[tuple, str]]:
-    """(attributes, text) per product: drawn from (seed, index); distinct attributes while the space lasts."""
-    space = _attribute_space()
+def _catalogue_specs(products: int, seed: int, family_size: int = 1, marks: bool = True) -> list[tuple[tuple, str]]:
+    """(attributes, text) per product: drawn from (seed, index); distinct attributes while the space lasts.
+    See :func:`_catalogue` for the families."""
+    return [(spec, text) for spec, text, _, _ in _catalogue(products, seed, family_size, marks)]
+
+
+def _catalogue(products: int, seed: int, family_size: int = 1, marks: bool = True) -> list[tuple]:
+    """(attributes, text, family, variant_of) per product.
+
+    ``family_size`` 1: product i is drawn from (seed, i); about a third are variants of an earlier product
+    with one attribute changed (``variant_of`` = its index); each product is its own family.
+    ``family_size`` K > 1: products i = f K .. f K + K - 1 form family f, drawn from (seed, f): a base item and
+    K - 1 others that differ from it in one attribute, the same attribute for the whole family, each with its
+    own value (``variant_of`` = the family's first product)."""
+    if family_size > 1:
+        return _family_catalogue(products, seed, family_size, marks)
+    space = _attribute_space(marks)
     used: set[tuple] = set()
     specs: list[tuple] = []
     out = []
     for i in range(products):
         rng = np.random.default_rng([seed, i, 0])
-        spec = None
+        spec, variant_of = None, None
         for _ in range(200):
             if specs and rng.random() < 0.35:
-                candidate = _variant(rng, specs[rng.integers(len(specs))])
+                parent = int(rng.integers(len(specs)))
+                candidate, variant_of = _variant(rng, specs[parent]), parent
             else:
-                candidate = _random_spec(rng)
+                candidate, variant_of = _random_spec(rng, marks=marks), None
             spec = candidate
             if candidate not in used or len(used) >= space:
                 break
         used.add(spec)
         specs.append(spec)
-        out.append((spec, describe(rng, spec)))
+        out.append((spec, describe(rng, spec), i, variant_of))
+    return out
+
+
+def _family_values(spec: tuple, marks: bool) -> dict[str, list]:
+    """For each attribute, the other values a family member may take (one attribute changed, all else equal)."""
+    category, colour, pattern, pattern_colour, mark = spec
+    values = {"colour": [c for c in COLOURS if c != colour and (pattern == "plain" or pattern_colour in
+                                                                 _PATTERN_COLOURS[c])],
+              "pattern": [p for p in PATTERNS if p != pattern]}
+    if pattern != "plain":
+        values["pattern_colour"] = [o for o in _PATTERN_COLOURS[colour] if o != pattern_colour]
+    if marks:
+        values["mark"] = [m for m in MARKS if m != mark]
+    return values
+
+
+def _family_member(spec: tuple, field: str, value, pattern_colour_for_new_pattern) -> tuple:
+    category, colour, pattern, pattern_colour, mark = spec
+    if field == "colour":
+        colour = value
+    elif field == "pattern":
+        pattern = value
+        pattern_colour = None if value == "plain" else (pattern_colour or pattern_colour_for_new_pattern)
+    elif field == "pattern_colour":
+        pattern_colour = value
+    else:
+        mark = value
+    return (category, colour, pattern, pattern_colour, mark)
+
+
+def _family_catalogue(products: int, seed: int, family_size: int, marks: bool) -> list[tuple]:
+    used: set[tuple] = set()
+    out = []
+    for family in range(-(-products // family_size)):
+        rng = np.random.default_rng([seed, family, 2])
+        members = None
+        for _ in range(200):
+            base = _random_spec(rng, marks=marks)
+            options = {f: v for f, v in _family_values(base, marks).items() if len(v) >= family_size - 1}
+            if not options:
+                continue
+            field = sorted(options)[int(rng.integers(len(options)))]
+            values = options[field]
+            picks = rng.permutation(len(values))[:family_size - 1]
+            spare = _PATTERN_COLOURS[base[1]]
+            new_pattern_colour = spare[int(rng.integers(len(spare)))]
+            members = [base] + [_family_member(base, field, values[int(j)], new_pattern_colour) for j in picks]
+            if not any(m in used for m in members):
+                break
+        used.update(members)
+        first = family * family_size
+        for j, spec in enumerate(members):
+            index = first + j
+            if index < products:
+                text_rng = np.random.default_rng([seed, index, 0])
+                out.append((spec, describe(text_rng, spec), family, None if j == 0 else first))
     return out
 
 
@@ -396,8 +528,8 @@ def _object_size(rng: np.random.Generator, category: str, long_side: float) -> t
     return max(4, round(w)), max(4, round(h))
 
 
-def _paste(canvas: Image.Image, spec: tuple, x: int, y: int, w: int, h: int) -> list[int]:
-    img, mask = render_object(spec, w, h)
+def _paste(canvas: Image.Image, spec: tuple, x: int, y: int, w: int, h: int, mark_min_px: float = 0.0) -> list[int]:
+    img, mask = render_object(spec, w, h, mark_min_px)
     canvas.paste(img, (x, y), mask)
     bbox = mask.getbbox() or (0, 0, w, h)
     return [x + bbox[0], y + bbox[1], x + bbox[2], y + bbox[3]]
@@ -407,30 +539,52 @@ def _overlap(a, b) -> int:
     return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
-def _place_distractors(rng, size, product_rect, n, frac_range, category):
+def _find_place(rng, size, prect, others, w, h):
+    """A position (x, y) for a w x h object that covers little of the product's rect ``prect`` (at most ~20%
+    where possible; the product is drawn last, on top) and of the objects ``others`` (x, y, w, h)."""
+    pw, ph = prect[2] - prect[0], prect[3] - prect[1]
+    best = None
+    for _ in range(25):
+        x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+        rect = (x, y, x + w, y + h)
+        on_product = _overlap(prect, rect)
+        on_others = sum(_overlap((ox, oy, ox + ow, oy + oh), rect) for ox, oy, ow, oh in others)
+        score = 3 * on_product + on_others
+        if best is None or score < best[0]:
+            best = (score, x, y)
+        if on_product <= 0.2 * pw * ph and on_others <= 0.3 * w * h:
+            break
+    return best[1], best[2]
+
+
+def _place_distractors(rng, size, product_rect, n, frac_range, category, marks=True):
     """Rects (x, y, w, h) and specs of n distractors of other categories, placed to cover little of the
-    product's rect (at most ~20% where possible; the product is drawn last, on top) and of each other."""
+    product's rect and of each other (:func:`_find_place`)."""
     out = []
     px, py, pw, ph = product_rect
     prect = (px, py, px + pw, py + ph)
     others = [c for c in CATEGORIES if c != category]
     for _ in range(n):
-        spec = _random_spec(rng, others[rng.integers(len(others))])
+        spec = _random_spec(rng, others[rng.integers(len(others))], marks=marks)
         w, h = _object_size(rng, spec[0], size * float(rng.uniform(*frac_range)))
         w, h = min(w, size), min(h, size)
-        best = None
-        for _ in range(25):
-            x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
-            rect = (x, y, x + w, y + h)
-            on_product = _overlap(prect, rect)
-            on_others = sum(_overlap((ox, oy, ox + ow, oy + oh), rect) for _, ox, oy, ow, oh in out)
-            score = 3 * on_product + on_others
-            if best is None or score < best[0]:
-                best = (score, x, y)
-            if on_product <= 0.2 * pw * ph and on_others <= 0.3 * w * h:
-                break
-        out.append((spec, best[1], best[2], w, h))
+        x, y = _find_place(rng, size, prect, [rect for _, *rect in out], w, h)
+        out.append((spec, x, y, w, h))
     return out
+
+
+def _same_category_distractor(rng, size, spec, product_rect, placed, frac_range, marks):
+    """One more distractor of the product's own category with other attributes, of the product's size."""
+    other = spec
+    for _ in range(50):
+        other = _random_spec(rng, spec[0], marks=marks)
+        if other != spec:
+            break
+    w, h = _object_size(rng, spec[0], size * float(rng.uniform(*frac_range)))
+    w, h = min(w, size), min(h, size)
+    px, py, pw, ph = product_rect
+    x, y = _find_place(rng, size, (px, py, px + pw, py + ph), [rect for _, *rect in placed], w, h)
+    return (other, x, y, w, h)
 
 
 def _merchant_background(rng, size):
@@ -482,9 +636,17 @@ def _add_noise(rng, img, sigma):
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
-def render_scene(rng: np.random.Generator, spec: tuple, source: str, size: int):
+def render_scene(rng: np.random.Generator, spec: tuple, source: str, size: int,
+                 options: SynthOptions = SynthOptions()):
     """(image, product box, distractor boxes) of one image of the product ``spec`` from ``source``."""
+    img, box, distractors, _ = _render_scene(rng, spec, source, size, options)
+    return img, box, distractors
+
+
+def _render_scene(rng, spec, source, size, options):
+    """:func:`render_scene`, plus the category of each distractor."""
     category = spec[0]
+    mark_px = options.mark_min_px
     if source == "merchant":
         img = _merchant_background(rng, size)
         w, h = _object_size(rng, category, size * float(rng.uniform(0.68, 0.88)))
@@ -497,15 +659,20 @@ def render_scene(rng: np.random.Generator, spec: tuple, source: str, size: int):
         sy = min(size - 1, y + h)
         ImageDraw.Draw(img).ellipse([x + w * 0.1, sy - max(2, h * 0.06), x + w * 0.9, sy + max(1, h * 0.04)],
                                     fill=shadow)
-        box = _paste(img, spec, x, y, w, h)
-        return img, box, []
+        box = _paste(img, spec, x, y, w, h, mark_px)
+        return img, box, [], []
 
     if source == "customer":
         img = _customer_background(rng, size)
-        w, h = _object_size(rng, category, size * float(rng.uniform(0.24, 0.4)))
+        product_range = (0.24, 0.4)
+        w, h = _object_size(rng, category, size * float(rng.uniform(*product_range)))
         x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
-        placed = _place_distractors(rng, size, (x, y, w, h), int(rng.integers(2, 5)), (0.22, 0.45), category)
+        placed = _place_distractors(rng, size, (x, y, w, h), int(rng.integers(2, 5)), (0.22, 0.45), category,
+                                    options.marks)
         sigma = float(rng.uniform(5.0, 14.0))
+        if options.same_category_distractor > 0 and rng.random() < options.same_category_distractor:
+            placed.append(_same_category_distractor(rng, size, spec, (x, y, w, h), placed, product_range,
+                                                    options.marks))
     else:  # ad
         img = _ad_background(rng, size)
         w, h = _object_size(rng, category, size * float(rng.uniform(0.46, 0.64)))
@@ -513,13 +680,14 @@ def render_scene(rng: np.random.Generator, spec: tuple, source: str, size: int):
         spread = size // 5
         x = int(np.clip((size - w) // 2 + rng.integers(-spread, spread + 1), 0, size - w))
         y = int(np.clip((size - h) // 2 + rng.integers(-spread, spread + 1), 0, size - h))
-        placed = _place_distractors(rng, size, (x, y, w, h), int(rng.integers(0, 3)), (0.2, 0.34), category)
+        placed = _place_distractors(rng, size, (x, y, w, h), int(rng.integers(0, 3)), (0.2, 0.34), category,
+                                    options.marks)
         sigma = 0.0
-    distractors = [_paste(img, d_spec, dx, dy, dw, dh) for d_spec, dx, dy, dw, dh in placed]
-    box = _paste(img, spec, x, y, w, h)
+    distractors = [_paste(img, d_spec, dx, dy, dw, dh, mark_px) for d_spec, dx, dy, dw, dh in placed]
+    box = _paste(img, spec, x, y, w, h, mark_px)
     if sigma:
         img = _add_noise(rng, img, sigma)
-    return img, box, distractors
+    return img, box, distractors, [d_spec[0] for d_spec, *_ in placed]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -530,27 +698,38 @@ def _product_id(index: int) -> str:
     return f"p{index:06d}"
 
 
-def _make_product(job) -> Product:
-    out_dir, index, spec, text, images_per_product, size, seed = job
+def _make_product(job) -> tuple[Product, list[list[str]]]:
+    out_dir, index, spec, text, images_per_product, size, seed, options = job
     rng = np.random.default_rng([seed, index, 1])
     pid = _product_id(index)
-    images = []
+    images, distractor_categories = [], []
     for k in range(images_per_product):
         source = SOURCES[k % len(SOURCES)]
-        img, box, distractors = render_scene(rng, spec, source, size)
+        img, box, distractors, categories = _render_scene(rng, spec, source, size, options)
         rel = f"images/{pid}_{k}.png"
         img.save(os.path.join(out_dir, rel), format="PNG", compress_level=1)
         images.append(ProductImage(rel, source, box, distractors))
-    return Product(pid, text, spec[0], images)
+        distractor_categories.append(categories)
+    return Product(pid, text, spec[0], images), distractor_categories
+
+
+def _write_atomic(path: str, write) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        write(f)
+    os.replace(tmp, path)
 
 
 def generate_catalogue(out_dir: str, products: int, images_per_product: int = 3, size: int = 64,
-                       seed: int = 0, workers: int | None = None) -> str:
-    """Write ``out_dir/catalogue.jsonl`` and ``out_dir/images/*.png`` for ``products`` synthetic products
-    with ``images_per_product`` images of ``size`` x ``size`` pixels each; returns the manifest's path.
+                       seed: int = 0, workers: int | None = None, *, same_category_distractor: float = 0.0,
+                       family_size: int = 1, mark_min_px: float = 0.0, marks: bool = True) -> str:
+    """Write ``out_dir/catalogue.jsonl``, ``out_dir/images/*.png``, ``out_dir/attributes.jsonl`` and
+    ``out_dir/synth.json`` for ``products`` synthetic products with ``images_per_product`` images of ``size``
+    x ``size`` pixels each; returns the manifest's path. The keyword options are described in the module
+    docstring (:class:`SynthOptions`).
 
     ``workers`` processes render the images (default ``os.cpu_count()``; 1 renders in this process). The
-    output depends only on (products, images_per_product, size, seed), not on ``workers``.
+    output depends only on the arguments other than ``workers``.
     """
     if products < 0:
         raise ValueError(f"products must be >= 0, got {products}")
@@ -558,12 +737,15 @@ def generate_catalogue(out_dir: str, products: int, images_per_product: int = 3,
         raise ValueError(f"images_per_product must be >= 1, got {images_per_product}")
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
+    options = SynthOptions(float(same_category_distractor), int(family_size), float(mark_min_px), bool(marks))
+    options.check()
     if workers is None:
         workers = os.cpu_count() or 1
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
 
-    jobs = [(out_dir, i, spec, text, images_per_product, size, seed)
-            for i, (spec, text) in enumerate(_catalogue_specs(products, seed))]
+    catalogue = _catalogue(products, seed, options.family_size, options.marks)
+    jobs = [(out_dir, i, spec, text, images_per_product, size, seed, options)
+            for i, (spec, text, _, _) in enumerate(catalogue)]
     workers = max(1, min(int(workers), len(jobs)))
     if workers == 1:
         result = [_make_product(job) for job in jobs]
@@ -574,9 +756,22 @@ def generate_catalogue(out_dir: str, products: int, images_per_product: int = 3,
         with multiprocessing.get_context(method).Pool(workers) as pool:
             result = list(pool.imap(_make_product, jobs, chunksize=chunksize))
 
+    fields = ("category", "colour", "pattern", "pattern_colour", "mark")
+
+    def write_attributes(f):
+        for (product, categories), (spec, _, family, variant_of) in zip(result, catalogue):
+            row = {"product_id": product.product_id, "family": family,
+                   "variant_of": None if variant_of is None else _product_id(variant_of),
+                   "attributes": dict(zip(fields, spec)), "distractor_categories": categories}
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+
+    _write_atomic(os.path.join(out_dir, ATTRIBUTES_NAME), write_attributes)
+    settings = {"products": products, "images_per_product": images_per_product, "size": size, "seed": seed,
+                **dataclasses.asdict(options)}
+    _write_atomic(os.path.join(out_dir, SETTINGS_NAME), lambda f: f.write(json.dumps(settings, indent=1) + "\n"))
     path = os.path.join(out_dir, MANIFEST_NAME)
     tmp = path + ".tmp"
-    write_manifest(tmp, result)
+    write_manifest(tmp, [product for product, _ in result])
     os.replace(tmp, path)
     return path
 
@@ -591,11 +786,23 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs)")
+    parser.add_argument("--same-category-distractor", type=float, default=0.0, metavar="P",
+                        help="share of customer photos with one more distractor of the product's own category "
+                             "(default 0)")
+    parser.add_argument("--family-size", type=int, default=1, metavar="K",
+                        help=f"variant families of K products that differ in one attribute (2..{MAX_FAMILY_SIZE}; "
+                             "default 1: no families)")
+    parser.add_argument("--mark-min-px", type=float, default=0.0, metavar="R",
+                        help="smallest radius of the mark in output pixels (default 0: about 2-3 px on customer "
+                             "photos at 64 px)")
+    parser.add_argument("--no-marks", action="store_true", help="no mark: neither drawn nor in the texts")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         path = generate_catalogue(args.out, args.products, args.images_per_product, args.size, args.seed,
-                                  args.workers)
+                                  args.workers, same_category_distractor=args.same_category_distractor,
+                                  family_size=args.family_size, mark_min_px=args.mark_min_px,
+                                  marks=not args.no_marks)
     except ValueError as exc:
         parser.error(str(exc))
     elapsed = time.perf_counter() - start
