@@ -79,15 +79,70 @@ def _scale_tensor(logit_scale, device: torch.device) -> torch.Tensor:
     raise TypeError(f"logit_scale must be a float or a 1-element tensor, got {type(logit_scale).__name__}")
 
 
-def _gather_with_grad(t: torch.Tensor, group) -> torch.Tensor:
-    """All-gather along dim 0 with autograd: the backward sums every rank's gradient of its slice."""
-    return torch.cat(dist.nn.functional.all_gather(t, group=group), dim=0)
+def _row_counts(rows: int, group, device: torch.device) -> list[int]:
+    """Every rank's number of rows, in rank order: one all_gather of a 1-element tensor, read on the host
+    (the padding and slicing of :func:`_gather_rows` need the counts as Python ints)."""
+    mine = torch.tensor([rows], dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return torch.cat(parts).tolist()
 
 
-def _gather(t: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+def _gather_rows(t: torch.Tensor, counts: list[int], group) -> list[torch.Tensor]:
+    """All-gather ``t`` (..., n_r, D) along dim -2 when rank r holds ``counts[r]`` rows (0 allowed).
+
+    Every rank pads its rows to the largest count, one all_gather moves the padded blocks, and the padding is
+    sliced off: returns one tensor per leading index of ``t`` (a 2-d ``t`` gives a list of one), each the
+    concatenation of every rank's real rows in rank order. When ``t`` requires grad the gather is
+    differentiable (``torch.distributed.nn``): the backward sums every rank's gradient of this rank's block
+    (one collective on every rank), and the padding rows receive none. With equal counts nothing is padded.
+    """
+    most = max(counts)
+    stacked = t if t.dim() == 3 else t[None]
+    if most == 0:  # every rank agrees: nothing to move
+        return list(stacked)
+    if stacked.shape[1] < most:
+        pad = stacked.new_zeros(stacked.shape[:1] + (most - stacked.shape[1],) + stacked.shape[2:])
+        stacked = torch.cat([stacked, pad], dim=1)
+    if stacked.requires_grad and torch.is_grad_enabled():
+        parts = dist.nn.functional.all_gather(stacked, group=group)
+    else:
+        parts = [torch.empty_like(stacked) for _ in counts]
+        dist.all_gather(parts, stacked.contiguous(), group=group)
+    return [torch.cat([part[i, :count] for part, count in zip(parts, counts)]) for i in range(stacked.shape[0])]
+
+
+def row_share(rows: int, group: dist.ProcessGroup | None = None, *, device: torch.device | str | None = None
+              ) -> torch.Tensor:
+    """This rank's share ``B_r / B_total`` of the rows of the global batch: the weight of its loss.
+
+    ``clip_loss`` and ``info_nce`` with ``group`` return the mean over this rank's own rows; the single-process
+    loss of the concatenated batch is ``sum_r row_share_r * loss_r``. One all_gather of the counts (on
+    ``device``: CPU tensors for gloo, CUDA for nccl), read on the host. Without a group (or a group of one
+    rank) the share is 1. Returns a 0-d float64 tensor on ``device`` (0 for a rank with no rows).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if group is None or dist.get_world_size(group) == 1:
+        return torch.tensor(1.0 if rows else 0.0, dtype=torch.float64, device=device)
+    counts = _row_counts(rows, group, device)
+    if sum(counts) == 0:
+        raise ValueError("no rank holds any rows: the global batch is empty")
+    return torch.tensor(rows / sum(counts), dtype=torch.float64, device=device)
+
+
+def _loss_dtype(dtype: torch.dtype, chosen: str) -> torch.dtype:
+    """The dtype the losses come back in: the accumulation dtype, or the features' for the reference."""
+    if chosen == "reference":
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_loss(scale: torch.Tensor, dtype: torch.dtype, *tensors: torch.Tensor) -> torch.Tensor:
+    """The loss of a rank without rows: exactly 0, yet a function of ``tensors`` (the gathered banks among
+    them) and of the scale, so that its backward still runs the gather's collective and every input gets a
+    zero gradient rather than none (DDP/FSDP expect the same parameters to get gradients on every rank)."""
+    total = sum(t[:0].sum() for t in tensors)
+    return (scale.to(dtype) * total.to(dtype))
 
 
 def clip_loss(
@@ -115,11 +170,18 @@ def clip_loss(
         ids: optional (B,) integer product ids: pairs (i, j), j != i, with the same id are removed from both
             denominators (another image of the same product is not a negative).
         group: a process group for the global batch, as open_clip's ``ClipLoss(local_loss=True,
-            gather_with_grad=True)``: features (and ids) are all-gathered with autograd, each rank returns the
-            loss of its own rows against all gathered columns, and feature gradients on a rank equal
-            world_size x the gradient of the single-process loss on the concatenated batch (so that after
-            DDP/FSDP gradient averaging, parameter gradients equal the single-process ones). Every rank must
-            pass the same B. None (default): the batch of this process only.
+            gather_with_grad=True)``: features (and ids) are all-gathered with autograd and each rank returns
+            the mean loss of its own B_r rows against all gathered columns. Ranks may hold different numbers
+            of rows, zero included (a rank without rows returns 0 and still takes part in every collective,
+            forward and backward). Weighted by the rank's share ``w_r = B_r / B_total``
+            (:func:`row_share`), the losses add up to the single-process loss of the concatenated batch,
+            ``sum_r w_r loss_r``, and backward of ``w_r loss_r`` on every rank gives each rank exactly the
+            single-process gradient of its rows (the logit_scale gradients add up over ranks to the
+            single-process one). Under DDP/FSDP, which average gradients over ranks, backpropagate
+            ``world_size * w_r * loss_r``; with equal B_r that is ``loss_r`` itself (feature gradients
+            world_size x the single-process ones, open_clip's semantics). Costs one all_gather of the row
+            counts (read on the host) besides the gathers of the features and ids. None (default): the batch
+            of this process only.
         backend: "auto", "cpu" (CPU tensors), "cuda" (CUDA tensors; the same tiled ATen kernels), "triton" or
             "reference" (materializes the logits; the test oracle). ``auto``: ``cpu`` on CPU tensors; on CUDA
             tensors ``triton``, else ``cuda`` with a :class:`~eclip_kernels.BackendFallbackWarning`.
@@ -142,14 +204,14 @@ def clip_loss(
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
     batch, device = image_features.shape[0], image_features.device
-    if batch == 0:
+    world = dist.get_world_size(group) if group is not None else 1
+    if batch == 0 and world == 1:
         raise ValueError("clip_loss needs at least one sample")
     _check_ids("ids", ids, batch, device)
     scale = _scale_tensor(logit_scale, device)
     autocast = _autocast_dtype(device)
     chosen, dtype = _resolve(backend, device, image_features.dtype, autocast)
     image_features, text_features = _inputs((image_features, text_features), dtype, chosen, autocast)
-    world = dist.get_world_size(group) if group is not None else 1
 
     if world == 1:
         with _no_autocast(device, autocast):
@@ -157,14 +219,21 @@ def clip_loss(
                 return reference.clip_loss(image_features, text_features, scale.to(image_features.dtype), ids)
             return OPS[chosen]["clip_fwd"](image_features, text_features, scale, ids)[0]
 
-    rank = dist.get_rank(group)
-    all_images = _gather_with_grad(image_features, group)
-    all_texts = _gather_with_grad(text_features, group)
+    # ranks may hold different numbers of rows: exchange the counts, pad to the largest and slice (the
+    # images and texts travel in one collective, so the backward is one collective too, whatever the rows)
+    counts = _row_counts(batch, group, device)
+    if sum(counts) == 0:
+        raise ValueError("clip_loss needs at least one sample on some rank of the group")
+    all_images, all_texts = _gather_rows(torch.stack([image_features, text_features]), counts, group)
+    offset = sum(counts[:dist.get_rank(group)])
     if ids is None:  # each sample its own id: exactly the positive's copy in the bank leaves the denominator
-        ids = torch.arange(rank * batch, (rank + 1) * batch, device=device)
-        all_ids = torch.arange(world * batch, device=device)
+        ids = torch.arange(offset, offset + batch, device=device)
+        all_ids = torch.arange(sum(counts), device=device)
     else:
-        all_ids = _gather(ids, group)
+        (all_ids,) = _gather_rows(ids, counts, group)
+    if batch == 0:
+        out_dtype = _loss_dtype(image_features.dtype, chosen)
+        return _empty_loss(scale, out_dtype, all_images, all_texts, image_features, text_features)
     with _no_autocast(device, autocast):
         if chosen == "reference":
             s = scale.to(image_features.dtype)
@@ -185,6 +254,9 @@ def info_nce(
     *,
     query_ids: torch.Tensor | None = None,
     negative_ids: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    shared_negatives: torch.Tensor | None = None,
+    shared_negative_ids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """InfoNCE with one positive per query and a shared bank of negatives (ECLIP Eq. 8).
@@ -200,6 +272,18 @@ def info_nce(
         logit_scale: float or 1-element tensor (differentiable).
         query_ids: optional (M,) integer product ids; negative_ids: optional (K,) integer product ids. With
             both, negatives sharing the query's id are left out (the positive always stays).
+        group: a process group for the global batch: ``negatives`` (and ``negative_ids``) are this rank's part
+            of the bank, all-gathered in rank order (with autograd when they require grad: a negative's
+            gradient reaches the rank that holds it, summed over every rank's loss). Ranks may hold different
+            numbers of queries and of negatives, zero included: a rank without queries returns 0 and still
+            takes part in every collective. The loss is the mean over this rank's M_r queries; weighted by
+            ``M_r / M_total`` (:func:`row_share`) the losses add up to the single-process loss of all queries
+            against the same bank, with the same rules as :func:`clip_loss` (under DDP/FSDP backpropagate
+            ``world_size * M_r / M_total * loss_r``). One all_gather of the counts (read on the host) and
+            one of the negatives. None (default): no communication.
+        shared_negatives: optional (K', D) negatives every rank holds the same copy of (a
+            :class:`~eclip_kernels.MomentumQueue`'s ``features``), appended after the (gathered) negatives and
+            never gathered; ``shared_negative_ids`` (K',) their ids, required when ``query_ids`` is given.
         backend: "auto", "cpu", "cuda", "triton" or "reference", as for :func:`clip_loss`; under
             ``torch.autocast`` the features are taken in the autocast dtype, as there.
 
@@ -207,21 +291,41 @@ def info_nce(
         The scalar loss (mean over queries), float32 (float64 for float64 features; outside autocast, the
         dtype of the features for ``reference``).
     """
-    query, positive, negatives = _promote_under_autocast(query, positive, negatives)
-    _check_features([("query", query), ("positive", positive), ("negatives", negatives)])
+    shared = () if shared_negatives is None else (shared_negatives,)
+    query, positive, negatives, *shared = _promote_under_autocast(query, positive, negatives, *shared)
+    _check_features([("query", query), ("positive", positive), ("negatives", negatives)]
+                    + [("shared_negatives", t) for t in shared])
     if positive.shape != query.shape:
         raise ValueError(f"query and positive must have the same shape, got {tuple(query.shape)} and {tuple(positive.shape)}")
-    if query.shape[0] == 0:
+    world = dist.get_world_size(group) if group is not None else 1
+    if query.shape[0] == 0 and world == 1:
         raise ValueError("info_nce needs at least one query")
     device = query.device
     _check_ids("query_ids", query_ids, query.shape[0], device)
     _check_ids("negative_ids", negative_ids, negatives.shape[0], device)
     if (query_ids is None) != (negative_ids is None):
         raise ValueError("pass both query_ids and negative_ids, or neither")
+    if shared:
+        _check_ids("shared_negative_ids", shared_negative_ids, shared[0].shape[0], device)
+        if (query_ids is None) != (shared_negative_ids is None):
+            raise ValueError("pass shared_negative_ids exactly when query_ids and negative_ids are given")
+    elif shared_negative_ids is not None:
+        raise ValueError("shared_negative_ids given without shared_negatives")
     scale = _scale_tensor(logit_scale, device)
     autocast = _autocast_dtype(device)
     chosen, dtype = _resolve(backend, device, query.dtype, autocast)
-    query, positive, negatives = _inputs((query, positive, negatives), dtype, chosen, autocast)
+    query, positive, negatives, *shared = _inputs((query, positive, negatives, *shared), dtype, chosen, autocast)
+    if world > 1:
+        counts = _row_counts(negatives.shape[0], group, device)
+        (negatives,) = _gather_rows(negatives, counts, group)
+        if negative_ids is not None:
+            (negative_ids,) = _gather_rows(negative_ids, counts, group)
+    if shared:
+        negatives = torch.cat([negatives, shared[0]])
+        if negative_ids is not None:
+            negative_ids = torch.cat([negative_ids, shared_negative_ids.to(negative_ids.dtype)])
+    if query.shape[0] == 0:
+        return _empty_loss(scale, _loss_dtype(query.dtype, chosen), negatives, query, positive)
     with _no_autocast(device, autocast):
         if chosen == "reference":
             total = reference.contrastive_rows(query, positive, negatives, scale.to(query.dtype), query_ids,

@@ -7,14 +7,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from .losses import _gather_rows, _row_counts
+
 
 class MomentumQueue(nn.Module):
     """First-in first-out bank of (K, D) momentum features and their (K,) product ids, kept on the device.
 
     Starts filled with random unit vectors and id -1 (MoCo / ALBEF style), so every slot is always a valid
     negative and no call needs the host to know how full it is. ``enqueue`` writes the newest features over
-    the oldest with device-side index arithmetic: no host synchronization. The buffers are part of the
-    state_dict (checkpointed with the model).
+    the oldest with device-side index arithmetic: no host synchronization (across a process group, one: the
+    ranks' row counts). The buffers are part of the state_dict (checkpointed with the model).
 
     Args:
         size: K, the number of stored features.
@@ -43,19 +45,18 @@ class MomentumQueue(nn.Module):
         """Store (N, D) features (detached) and their (N,) integer ids, replacing the oldest entries.
 
         With ``group``, the features and ids of every rank are all-gathered first (in rank order), so that
-        all ranks keep the same queue. If more than K arrive, the last K are kept.
+        all ranks keep the same queue. Ranks may hold different numbers of rows, zero included (a rank
+        without rows still calls ``enqueue``: it takes part in the gathers and stores the others' rows);
+        that takes one all_gather of the row counts, read on the host, before the features' and the ids'.
+        Without a group nothing leaves the device. If more than K arrive, the last K are kept.
         """
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"features must have shape (N, {self.dim}), got {tuple(features.shape)}")
         if ids.shape != features.shape[:1] or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"ids must be an integer tensor of shape ({features.shape[0]},), got {ids.dtype} {tuple(ids.shape)}")
         if group is not None and dist.get_world_size(group) > 1:
-            world = dist.get_world_size(group)
-            feature_parts = [torch.empty_like(features) for _ in range(world)]
-            id_parts = [torch.empty_like(ids) for _ in range(world)]
-            dist.all_gather(feature_parts, features.contiguous(), group=group)
-            dist.all_gather(id_parts, ids.contiguous(), group=group)
-            features, ids = torch.cat(feature_parts), torch.cat(id_parts)
+            counts = _row_counts(features.shape[0], group, features.device)
+            (features,), (ids,) = _gather_rows(features, counts, group), _gather_rows(ids, counts, group)
         features, ids = features[-self.size:], ids[-self.size:]
         slots = (self.ptr + torch.arange(features.shape[0], device=self.ptr.device)) % self.size
         self.features[slots] = features.to(self.features.dtype)

@@ -369,3 +369,119 @@ def test_two_gloo_ranks_match_the_single_process_loss():
         features, queue_ids = results[r]["queue"]
         torch.testing.assert_close(features, text[2:])
         assert queue_ids.tolist() == ids[2:].tolist()
+
+
+# --- ranks holding different numbers of rows --------------------------------------------------------------
+
+UNEVEN_CLIP_SPLITS = [(6, 4), (10, 0), (0, 10)]  # rows of rank 0 and rank 1 (10 in all)
+UNEVEN_INFO_NCE_SPLITS = [((5, 4), (3, 4)), ((9, 0), (0, 7)), ((0, 9), (7, 0))]  # (queries, negatives) per rank
+
+
+def _uneven_worker(rank, world, port, data, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from eclip_kernels.losses import row_share
+
+    def mine(t, split):
+        start = sum(split[:rank])
+        return t[start:start + split[rank]].clone()
+
+    try:
+        group, out = dist.group.WORLD, {}
+        image, text, ids = data["image"], data["text"], data["ids"]
+        for split in UNEVEN_CLIP_SPLITS:
+            for backend in ("cpu", "reference"):
+                for use_ids in (False, True):
+                    i, t = mine(image, split).requires_grad_(), mine(text, split).requires_grad_()
+                    s = torch.tensor(14.3, requires_grad=True)
+                    loss = ek.clip_loss(i, t, s, ids=mine(ids, split) if use_ids else None, group=group,
+                                        backend=backend)
+                    share = row_share(split[rank], group)
+                    (share * loss).backward()
+                    out[("clip", split, backend, use_ids)] = (loss.detach(), share, i.grad, t.grad, s.grad)
+        query, positive, negatives, neg_ids, qids = (data[k] for k in ("query", "positive", "negatives",
+                                                                        "negative_ids", "query_ids"))
+        for q_split, n_split in UNEVEN_INFO_NCE_SPLITS:
+            for backend in ("cpu", "reference"):
+                q, p = mine(query, q_split).requires_grad_(), mine(positive, q_split).requires_grad_()
+                n = mine(negatives, n_split).requires_grad_()
+                s = torch.tensor(14.3, requires_grad=True)
+                loss = ek.info_nce(q, p, n, s, query_ids=mine(qids, q_split), negative_ids=mine(neg_ids, n_split),
+                                   group=group, shared_negatives=data["queue"], shared_negative_ids=data["queue_ids"],
+                                   backend=backend)
+                share = row_share(q_split[rank], group)
+                (share * loss).backward()
+                out[("info_nce", q_split, backend)] = (loss.detach(), share, q.grad, p.grad, n.grad, s.grad)
+        for split in [(3, 0), (0, 5), (4, 2)]:
+            queue = ek.MomentumQueue(8, text.shape[1])
+            queue.enqueue(mine(text[:sum(split)], split), mine(ids[:sum(split)], split), group=group)
+            queue.enqueue(mine(image[:sum(split)], split), mine(ids[:sum(split)], split), group=group)
+            out[("queue", split)] = (queue.features.clone(), queue.ids.clone(), int(queue.ptr))
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_uneven_ranks_weighted_by_their_share_give_the_single_process_loss_and_gradients():
+    """2 gloo ranks holding 6 + 4, 10 + 0 and 0 + 10 rows: each rank backpropagates its loss times its share
+    B_r / B_total; the weighted losses add up to the single-process loss of the concatenated batch, each rank
+    gets exactly the single-process gradient of its rows (the logit scale's adds up over ranks), and a rank
+    without rows returns 0 and zero gradients. The same for info_nce (queries and negatives split
+    differently, a queue shared by both ranks) and for MomentumQueue.enqueue."""
+    world = 2
+    image, text = _features(10, 6, seed=21)
+    query, positive, negatives, queue = _features(9, 6, seed=22, n=3) + _features(4, 6, seed=23, n=1)
+    negatives = negatives[:7]
+    data = dict(image=image, text=text, ids=torch.tensor([0, 1, 2, 0, 3, 4, 2, 5, 6, 1]), query=query,
+                positive=positive, negatives=negatives, query_ids=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8]),
+                negative_ids=torch.tensor([1, 2, 9, 3, 10, 8, 11]), queue=queue, queue_ids=torch.tensor([0, 12, 5, 13]))
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_uneven_worker, args=(world, _free_port(), data, results), nprocs=world, join=True)
+
+    def close(got, want, what):
+        assert rel_err(got, want) <= 1e-5, what
+
+    for use_ids in (False, True):
+        single = _loss_and_grads(
+            lambda i, t, s: ek.clip_loss(i, t, s, ids=data["ids"] if use_ids else None, backend="reference"),
+            [image.double(), text.double()], torch.tensor(14.3, dtype=torch.float64))
+        for split in UNEVEN_CLIP_SPLITS:
+            for backend in ("cpu", "reference"):
+                ranks = [results[r][("clip", split, backend, use_ids)] for r in range(world)]
+                what = (split, backend, use_ids)
+                assert [float(r[1]) for r in ranks] == [b / sum(split) for b in split], what
+                close(sum(r[1] * r[0] for r in ranks), single[0], what)
+                close(torch.cat([r[2] for r in ranks]), single[1], what)
+                close(torch.cat([r[3] for r in ranks]), single[2], what)
+                close(sum(r[4] for r in ranks), single[3], what)
+                for r, rows in zip(ranks, split):
+                    if rows == 0:  # no rows: loss 0 and zero gradients, not None
+                        assert r[0].item() == 0.0 and r[2].shape == (0, 6) and r[4].item() == 0.0, what
+
+    bank = torch.cat([negatives, queue]).double()
+    bank_ids = torch.cat([data["negative_ids"], data["queue_ids"]])
+    single = _loss_and_grads(
+        lambda q, p, n, s: ek.info_nce(q, p, torch.cat([n, bank[7:]]), s, query_ids=data["query_ids"],
+                                       negative_ids=bank_ids, backend="reference"),
+        [query.double(), positive.double(), negatives.double()], torch.tensor(14.3, dtype=torch.float64))
+    for q_split, n_split in UNEVEN_INFO_NCE_SPLITS:
+        for backend in ("cpu", "reference"):
+            ranks = [results[r][("info_nce", q_split, backend)] for r in range(world)]
+            what = (q_split, n_split, backend)
+            close(sum(r[1] * r[0] for r in ranks), single[0], what)
+            close(torch.cat([r[2] for r in ranks]), single[1], what)
+            close(torch.cat([r[3] for r in ranks]), single[2], what)
+            close(torch.cat([r[4] for r in ranks]), single[3], what)  # each negative's gradient on its rank
+            close(sum(r[5] for r in ranks), single[4], what)
+
+    for split in [(3, 0), (0, 5), (4, 2)]:
+        expected = ek.MomentumQueue(8, 6)
+        expected.enqueue(text[:sum(split)], data["ids"][:sum(split)])
+        expected.enqueue(image[:sum(split)], data["ids"][:sum(split)])
+        for r in range(world):
+            features, queue_ids, ptr = results[r][("queue", split)]
+            written = expected.ids != -1
+            torch.testing.assert_close(features[written], expected.features[written], rtol=0, atol=0)
+            assert queue_ids.tolist() == expected.ids.tolist() and ptr == int(expected.ptr), (split, r)

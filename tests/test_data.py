@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -149,3 +150,62 @@ def test_cli_shard_and_inspect(catalogue, tmp_path, capsys):
     assert main(["inspect", "--manifest", catalogue, "--workers", "0", "--batch-size", "3"]) == 0
     out = capsys.readouterr().out
     assert "wrote 2 shards" in out and "5 samples" in out and "empty_text" in out
+
+
+def _member_offset(shard, name, data=True):
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        member = tar.getmember(name)
+        return member.offset_data if data else member.offset
+
+
+def test_damaged_shards_and_images_are_skipped_counted_and_reported(tmp_path, capsys):
+    """Four shards of three products and a missing one: shard 1 is cut off inside its second product's second
+    image, shard 3 inside its second product's tar header (which reads as a shorter complete archive), and
+    shard 2 holds a product with no readable image and one with one unreadable image. Every readable product
+    comes through; each damaged shard, the partial record and the bad images are counted, the damaged shards
+    named in a warning, and the reader goes on to the next shard."""
+    from eclip.data.shards import ShardReadWarning
+
+    rows = []
+    for i in range(12):
+        entries = []
+        for k, source in enumerate(["merchant", "customer"]):
+            path = tmp_path / f"p{i}_{k}.png"
+            if i == 6 or (i == 7 and k == 0):
+                path.write_bytes(b"\x89PNG\r\n\x1a\n but not an image")
+            else:
+                _image(path, (20 * i, 100 * k, 50))
+            entries.append({"path": path.name, "source": source})
+        rows.append({"product_id": f"p{i}", "text": f"cup number {i}", "category": "cup", "images": entries})
+    manifest = tmp_path / "catalogue.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    paths, _ = write_shards(str(manifest), str(tmp_path / "shards"), products_per_shard=3)
+    assert not [name for name in os.listdir(tmp_path / "shards") if name.endswith(".tmp")]
+    cuts = [(paths[1], "000000004.1.png", True, 50), (paths[3], "000000010.0.png", False, 200)]
+    for path, member, in_data, past in cuts:  # 50 bytes into an image's data; 200 bytes into a header
+        with open(path, "r+b") as f:
+            f.truncate(_member_offset(path, member, data=in_data) + past)
+    urls = paths + [str(tmp_path / "shards" / "shard-000099.tar")]
+
+    collate = Collate(_tokenizer())
+    with pytest.warns(ShardReadWarning) as warned:
+        loader = torch.utils.data.DataLoader(shard_dataset(urls, 32, train=False), batch_size=4, collate_fn=collate)
+        seen, report = [], collections.Counter()
+        for batch in loader:
+            seen += batch.get("product_keys", [])
+            report.update(batch["skipped"])
+    assert sorted(seen) == ["p0", "p1", "p2", "p3", "p7", "p8", "p9"]
+    # p4: its json never arrived (bad_record); p5, p10, p11 are lost with the rest of their shards
+    assert dict(report) == {"unreadable_shard": 3, "bad_record": 1, "no_readable_image": 1, "unreadable_image": 1,
+                            "single_image": 1}
+    named = " ".join(str(w.message) for w in warned if issubclass(w.category, ShardReadWarning))
+    assert all(os.path.basename(u) in named for u in (paths[1], paths[3], urls[-1]))
+
+    from eclip.data.cli import main
+
+    with pytest.warns(ShardReadWarning):
+        assert main(["inspect", "--shards", str(tmp_path / "shards" / "*.tar"), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "7 samples" in out and "'unreadable_shard': 2" in out and "'no_readable_image': 1" in out

@@ -277,3 +277,22 @@ def test_instance_slot_attention_compiles_and_runs_under_autocast(backend):
             h, ent = step(z, queries, hidden)
         assert torch.isfinite(h).all() and torch.isfinite(ent).all()
         assert rel_err(h.float(), step(z, queries, hidden)[0]) < (0.05 if dtype == torch.bfloat16 else 0.01)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: SlotAttention(0, 16), ValueError, "num_slots must be an int >= 1"),
+    (lambda: SlotAttention(4, 0), ValueError, "dim must be an int >= 1"),
+    (lambda: SlotAttention(4, 16, iters=-1), ValueError, "iters must be an int >= 0"),
+    (lambda: SlotAttention(4, 16, eps=-1.0), ValueError, "eps must be a number >= 0"),
+    (lambda: SlotAttention(4, 16)(torch.randn(3, 16)), ValueError, r"inputs must have shape \(B, N, 16\)"),
+    (lambda: SlotAttention(4, 16)(torch.ones(2, 5, 16, dtype=torch.long)), TypeError, "floating-point"),
+    (lambda: SlotAttention(4, 16)(torch.randn(2, 5, 16), num_slots=0), ValueError, "num_slots must be an int"),
+    (lambda: InstanceSlotAttention(0), ValueError, "dim must be an int >= 1"),
+    (lambda: InstanceSlotAttention(16)(torch.randn(2, 5, 8), torch.randn(2, 3, 16), torch.randn(2, 3, 16)),
+     ValueError, r"z must have shape \(B, N, 16\)"),
+    (lambda: InstanceSlotAttention(16)(torch.randn(2, 5, 16), torch.randn(2, 3, 16), torch.randn(2, 4, 16)),
+     ValueError, "queries and hidden must have the same shape"),
+])
+def test_modules_reject_bad_arguments_clearly(make, error, message):
+    with pytest.raises(error, match=message):
+        make()

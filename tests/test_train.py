@@ -149,3 +149,67 @@ def test_gradient_accumulation_under_fsdp2_matches_one_process(catalogue, tmp_pa
     # is the rest: no gradient sync on the inner micro-step, the loss scaled by 1/grad_accum, one optimizer
     # step. 2 ranks x 4 x 2 micro-steps must therefore equal 1 process x 8 x 2 micro-steps.
     _assert_two_ranks_match_one_process(catalogue, tmp_path, 8, max_steps=2, checkpoint_every=2, grad_accum=2)
+
+
+def _first_batches(cfg, world):
+    """Per rank, the products of its first two micro-batches, drawn as the trainer draws them."""
+    from eclip.data.dataset import ProductDataset
+    from eclip.data.manifest import read_manifest, split
+    from eclip.train.trainer import manifest_path
+
+    products = read_manifest(manifest_path(cfg.data))
+    index = {p.product_id: i for i, p in enumerate(products)}
+    train_products, _ = split(products, cfg.heldout_fraction)
+    dataset = ProductDataset(train_products, em.preset_config(cfg.model).image_size, train=True, seed=cfg.seed,
+                             product_index=index)
+    batches = []
+    for rank in range(world):
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(0)
+        order = list(sampler)
+        batches.append([order[:cfg.micro_batch], order[cfg.micro_batch:2 * cfg.micro_batch]])
+    return dataset, batches
+
+
+@pytest.mark.slow
+def test_a_rank_that_loses_samples_to_unreadable_images_neither_crashes_nor_biases_the_loss(catalogue, tmp_path):
+    """2 gloo ranks, micro-batch 8. Step 1: 3 of rank 1's products have only unreadable images, so rank 1 trains
+    on 5 rows and rank 0 on 8; the logged loss and gradient norm must be those of one process on the 13 rows
+    read (a plain mean over ranks would weight rank 1's rows 8/5 times too much). Step 2: every product of
+    rank 1 is unreadable: the step is left out on both ranks (counted), and the run goes on."""
+    import shutil
+
+    from eclip.data.dataset import Collate
+
+    data = tmp_path / "catalogue"
+    shutil.copytree(catalogue, data)
+    cfg = _cfg(str(data), tmp_path / "uneven", max_steps=2, checkpoint_every=2,
+               model_overrides=DETERMINISTIC_MODEL)
+    dataset, batches = _first_batches(cfg, 2)
+    lost = [dataset.products[i] for i in batches[1][0][:3] + batches[1][1]]
+    for product in lost:
+        for image in product.images:
+            with open(image.path, "wb") as f:
+                f.write(b"not an image")
+    mp.spawn(_rank_main, args=(2, _free_port(), cfg), nprocs=2, join=True)
+
+    records = _metrics(tmp_path / "uneven")
+    assert [r["step"] for r in records] == [1]  # step 2 had no sample on rank 1: nothing learned, nothing logged
+    with open(tmp_path / "uneven" / "data_report.json") as f:
+        report = json.load(f)
+    assert report["steps_run"] == 2
+    assert report["skipped_or_handled"] == {"no_readable_image": 11, "micro_batch_with_an_empty_rank": 1,
+                                            "samples_left_with_it": 8, "step_without_samples": 1}
+
+    # one process on the 13 samples that were read, with the trainer's initial weights
+    torch.manual_seed(cfg.seed)
+    model = em.create(cfg.model, **cfg.model_overrides).train()
+    samples = [dataset[i] for i in batches[0][0] + batches[1][0][3:]]
+    batch = Collate(em.tokenizer_for(model))(samples)
+    assert batch["size"] == 13
+    losses = model(batch)
+    losses["loss"].backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), float("inf"))
+    for key, want in (("loss", losses["loss"]), ("itc", losses["itc"]), ("grad_norm", norm)):
+        assert abs(records[0][key] - want.item()) <= 1e-4 * abs(want.item()), (key, records[0][key], want.item())

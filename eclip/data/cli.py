@@ -2,6 +2,7 @@
 a DataLoader and report its bad data.
 
     eclip-data synth --products 2000 --images-per-product 3 --size 64 --seed 0 --out data/synthetic
+    eclip-data synth ... --same-category-distractor 0.5 --family-size 4 --mark-min-px 3   # or --no-marks
     eclip-data shard --manifest data/synthetic/catalogue.jsonl --out data/synthetic/shards
     eclip-data inspect --manifest data/synthetic/catalogue.jsonl --workers 2
     eclip-data inspect --shards "data/synthetic/shards/shard-{000000..000001}.tar" --workers 2
@@ -81,6 +82,10 @@ def main(argv=None) -> int:
 
         return synth_main(argv[1:])
     args = parser.parse_args(argv)
+    from eclip._deps import MODEL, require
+
+    needs = ("webdataset", "PIL") + (MODEL + ("torchvision",) if args.command == "inspect" else ())
+    require(f"eclip-data {args.command}", *needs)
     return {"shard": _shard, "inspect": _inspect}[args.command](args)
 
 

@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         world = args.world_size or (cfg.global_batch // (cfg.micro_batch * cfg.grad_accum) if cfg.global_batch else 1)
         return dry_run(cfg, world)
+    from eclip._deps import TRAIN, require
+
+    require("eclip-train", *TRAIN, *(("tensorboard",) if cfg.tensorboard else ()))
     from .trainer import train
 
     train(cfg, resume=args.resume)

@@ -5,7 +5,15 @@
 
 Layout under ``--out``: ``metrics.jsonl`` (one line per logged step: each loss, lr, logit scale, samples/s,
 memory), ``checkpoints/step-XXXXXXX`` (torch.distributed.checkpoint, written to a temporary folder and
-renamed when complete; ``checkpoints/latest`` names the last complete one), ``config.json``.
+renamed when complete; ``checkpoints/latest`` names the last complete one, and resumption takes the newest
+complete folder whatever was killed when), ``config.json``, ``data_report.json`` (the data skipped or handled,
+summed over ranks).
+
+Faults: a rank whose batch lost samples (unreadable images) weights its loss by its share of the step's
+samples, so the step's loss and gradients are those of one process on the samples that were read; a
+micro-batch in which some rank read nothing is left out on every rank (counted). A NaN or infinite loss term
+or gradient norm stops the run before the optimizer step with :class:`NonFiniteLossError`, naming the step,
+the term and the rank.
 
 Determinism: every random draw of step s on rank r comes from a generator seeded with (seed, s, r), and
 the data order of epoch e from (seed, e): a run resumed from a checkpoint continues exactly as the
@@ -15,11 +23,13 @@ of ranks (the data order then changes with the sampler's split).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -112,17 +122,35 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 
 
 class _Checkpoints:
+    """``checkpoints/step-XXXXXXX`` folders and the ``latest`` pointer, safe against a kill at any moment.
+
+    A checkpoint is written into ``step-XXXXXXX.tmp`` and renamed when torch.distributed.checkpoint has
+    finished it (its ``.metadata`` file is written last); then ``latest`` is replaced atomically. Old ones are
+    renamed to ``*.old`` before they are deleted, so a half-deleted folder never looks like a checkpoint.
+    :meth:`latest` is the newest complete folder (``latest`` names it too, for people and tools), so a run
+    killed at any point of a save resumes from the last checkpoint that was fully written."""
+
+    PATTERN = re.compile(r"^step-(\d+)$")
+
     def __init__(self, root: str, rank: int, keep: int):
         self.root, self.rank, self.keep = os.path.join(root, "checkpoints"), rank, keep
 
+    @staticmethod
+    def complete(path: str) -> bool:
+        return os.path.isfile(os.path.join(path, ".metadata"))
+
+    def _finished(self) -> list[str]:
+        """Complete checkpoint folders, oldest first."""
+        if not os.path.isdir(self.root):
+            return []
+        steps = [(int(m.group(1)), name) for name in os.listdir(self.root) if (m := self.PATTERN.match(name))]
+        return [name for _, name in sorted(steps) if self.complete(os.path.join(self.root, name))]
+
     def latest(self) -> str | None:
-        pointer = os.path.join(self.root, "latest")
-        if not os.path.isfile(pointer):
-            return None
-        with open(pointer) as f:
-            name = f.read().strip()
-        path = os.path.join(self.root, name)
-        return path if os.path.isdir(path) else None
+        """The newest complete checkpoint (``*.tmp`` and ``*.old`` folders, and any without ``.metadata``, are
+        passed over), or None."""
+        finished = self._finished()
+        return os.path.join(self.root, finished[-1]) if finished else None
 
     def save(self, state: dict, step: int) -> str:
         import torch.distributed.checkpoint as dcp
@@ -130,23 +158,49 @@ class _Checkpoints:
         name = f"step-{step:07d}"
         final, tmp = os.path.join(self.root, name), os.path.join(self.root, name + ".tmp")
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(self.root, exist_ok=True)
+            for leftover in os.listdir(self.root):  # of a run killed while writing or deleting
+                if leftover.endswith((".tmp", ".old")):
+                    shutil.rmtree(os.path.join(self.root, leftover), ignore_errors=True)
             os.makedirs(tmp)
         _barrier()
         with _single_process_quiet():
             dcp.save(state, checkpoint_id=tmp)
         _barrier()
-        if self.rank == 0:  # a crash before this line leaves the previous checkpoint as the latest
-            shutil.rmtree(final, ignore_errors=True)
+        if self.rank == 0:  # a kill before the rename leaves the previous checkpoint as the latest
+            if not self.complete(tmp):
+                raise RuntimeError(f"torch.distributed.checkpoint returned without writing {tmp}/.metadata")
+            if os.path.exists(final):  # the same step saved again (a resumed run): move the old one aside
+                os.rename(final, final + ".old")
             os.rename(tmp, final)
+            _fsync_dir(self.root)
             with open(os.path.join(self.root, "latest.tmp"), "w") as f:
                 f.write(name)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(os.path.join(self.root, "latest.tmp"), os.path.join(self.root, "latest"))
-            done = sorted(d for d in os.listdir(self.root) if d.startswith("step-") and not d.endswith(".tmp"))
-            for old in done[:-self.keep]:
-                shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+            _fsync_dir(self.root)
+            for old in self._finished()[:-self.keep]:
+                os.rename(os.path.join(self.root, old), os.path.join(self.root, old + ".old"))
+            for leftover in os.listdir(self.root):
+                if leftover.endswith(".old"):
+                    shutil.rmtree(os.path.join(self.root, leftover), ignore_errors=True)
         _barrier()
         return final
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the renames in a folder durable (a kill needs none; a crash of the machine does)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -161,6 +215,63 @@ def _single_process_quiet():
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or the gradient norm of a training step is NaN or infinite (raised on every rank, before
+    the optimizer step, so the weights stay those of the previous step)."""
+
+
+def _rows_per_rank(sizes: list[int], world: int, device: torch.device) -> list[list[int]]:
+    """[rank][micro-batch] sample counts of the step: one all_gather of the grad_accum counts."""
+    if world == 1:
+        return [list(sizes)]
+    mine = torch.tensor(sizes, dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return torch.stack(parts).tolist()
+
+
+def _step_values(totals: dict, grad_norm: torch.Tensor, world: int) -> tuple[list[str], list[list[float]]]:
+    """Names (the loss terms, sorted, then "grad_norm") and their values on every rank, [rank][name]: each
+    loss term already weighted by the rank's share of the step's samples (they add up over ranks)."""
+    names = sorted(totals) + ["grad_norm"]
+    mine = torch.stack([totals[k].double().reshape(()) for k in names[:-1]] + [grad_norm.double().reshape(())])
+    if world == 1:
+        return names, [mine.tolist()]
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return names, torch.stack(parts).tolist()
+
+
+def _stop_if_not_finite(names: list[str], values: list[list[float]], step: int,
+                        checkpoints: _Checkpoints) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank when any rank has a NaN or infinite loss term or
+    gradient norm, naming the step, the terms and the ranks."""
+    bad = [(name, rank, value) for rank, row in enumerate(values) for name, value in zip(names, row)
+           if not math.isfinite(value)]
+    if not bad:
+        return
+    terms = [b for b in bad if b[0] not in ("loss", "grad_norm")] or [b for b in bad if b[0] == "loss"] or bad
+    found = ", ".join(f"{name} = {value} on rank {rank}" for name, rank, value in terms)
+    what = "gradient norm" if terms[0][0] == "grad_norm" else "loss"
+    latest = checkpoints.latest() or "none"
+    raise NonFiniteLossError(
+        f"non-finite {what} at step {step}: {found}. The step was stopped before the optimizer update, so the "
+        f"weights are those after step {step - 1}; the last complete checkpoint is {latest}. Look at this "
+        f"step's data, lower the learning rate or raise the precision, then resume with --resume.")
+
+
+def _sum_over_ranks(counts: collections.Counter, world: int) -> dict[str, int]:
+    """The skipped-data counts added up over ranks (once, at the end of a run)."""
+    if world == 1:
+        return dict(+counts)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, dict(counts))
+    total = collections.Counter()
+    for part in gathered:
+        total.update(part)
+    return dict(+total)
 
 
 def _step_seed(cfg: TrainConfig, step: int, rank: int) -> int:
@@ -246,7 +357,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
             yield from loader
             epoch, offset = epoch + 1, 0
 
-    skipped: dict[str, int] = {}
+    skipped: collections.Counter = collections.Counter()
     history: list[dict] = []
     log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     board = None
@@ -263,50 +374,62 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         bar = tqdm(total=total_steps, initial=start_step, desc=f"train {cfg.model}", dynamic_ncols=True)
     stream = batches_from(start_step)
     model.train()
-    tick, ran = time.perf_counter(), 0
+    tick, ran, samples = time.perf_counter(), 0, 0
     for step in range(start_step, total_steps):
         if stop_after is not None and ran >= stop_after:
             break
         torch.manual_seed(_step_seed(cfg, step, rank))
-        totals: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            batch = next(stream)
-            for k, v in batch.pop("skipped").items():
-                skipped[k] = skipped.get(k, 0) + v
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            last = micro == cfg.grad_accum - 1
-            if world > 1:
-                model.set_requires_gradient_sync(last)
-            losses = model(batch, group=group)
-            (losses["loss"] / cfg.grad_accum).backward()
-            for k, v in losses.items():  # kept on the device: read only at logging steps
-                totals[k] = totals.get(k, 0.0) + v.detach() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_momentum()
-        ran += 1
         done = step + 1
+        micro_batches = [next(stream) for _ in range(cfg.grad_accum)]
+        for batch in micro_batches:
+            skipped.update(batch.pop("skipped"))
+        # Unreadable images shrink a rank's batch: every rank weights its loss by its share of the step's
+        # samples (x world, for FSDP's mean over ranks), which gives the single-process loss and gradients of
+        # the samples that were read. A micro-batch in which some rank read no sample is left out on every rank.
+        rows = _rows_per_rank([batch["size"] for batch in micro_batches], world, device)
+        usable = [m for m in range(cfg.grad_accum) if all(r[m] > 0 for r in rows)]
+        step_rows = sum(r[m] for r in rows for m in usable)
+        for m in sorted(set(range(cfg.grad_accum)) - set(usable)):
+            skipped["micro_batch_with_an_empty_rank"] += int(rank == 0)  # once; the samples: per rank
+            skipped["samples_left_with_it"] += rows[rank][m]
+        totals: dict[str, torch.Tensor] = {}
+        for m in usable:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in micro_batches[m].items()}
+            if world > 1:
+                model.set_requires_gradient_sync(m == usable[-1])
+            losses = model(batch, group=group)
+            (losses["loss"] * (world * rows[rank][m] / step_rows)).backward()
+            for k, v in losses.items():  # kept on the device; their sum over ranks is the step's loss
+                totals[k] = totals.get(k, 0.0) + v.detach() * (rows[rank][m] / step_rows)
+        if usable:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            # every rank's losses and the gradient norm, checked before the update (one small gather per step)
+            names, values = _step_values(totals, norm, world)
+            _stop_if_not_finite(names, values, done, checkpoints)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_momentum()
+        else:  # no sample to learn from: no update, and nothing to log; the schedule moves on
+            skipped["step_without_samples"] += int(rank == 0)
+        scheduler.step()
+        ran += 1
+        samples += step_rows
         if bar is not None:
             bar.update(1)
-        log_now = done % cfg.log_every == 0 or done == total_steps
+        log_now = bool(usable) and (done % cfg.log_every == 0 or done == total_steps)
         if log_now:  # on every rank: reading sharded values is a collective
-            values = torch.stack([totals[k].double() for k in sorted(totals)])
-            if world > 1:  # the logged losses are the means over ranks (each rank's loss covers its rows)
-                dist.all_reduce(values)
-                values /= world
-            totals = dict(zip(sorted(totals), values.tolist()))
-            scale, norm = model.scale().detach(), grad_norm.detach()
+            totals = {k: sum(per_rank[i] for per_rank in values) for i, k in enumerate(names[:-1])}
+            scale = model.scale().detach()
             scale = float(scale.full_tensor() if hasattr(scale, "full_tensor") else scale)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            norm = values[0][-1]
         if bar is not None and log_now:
             bar.set_postfix(loss=f"{totals['loss']:.3f}")
         if rank == 0 and log_now:
             elapsed = time.perf_counter() - tick
             record = {"step": done, **totals, "lr": scheduler.get_last_lr()[0], "logit_scale": scale,
                       "grad_norm": norm,
-                      "samples_per_s": global_batch * cfg.log_every / elapsed if done % cfg.log_every == 0 else None,
+                      "samples_per_s": samples / elapsed if done % cfg.log_every == 0 else None,
                       "max_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)}
             history.append(record)
             if board is not None:
@@ -315,7 +438,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                         board.add_scalar(key, value, done)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
-            tick = time.perf_counter()
+        if log_now:
+            tick, samples = time.perf_counter(), 0
         if done % cfg.checkpoint_every == 0 or done == total_steps:
             model_state, optim_state = get_state_dict(model, optimizer)
             checkpoints.save({"model": model_state, "optim": optim_state, "progress": {"step": done},
@@ -324,10 +448,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         bar.close()
     if board is not None:
         board.close()
+    report = _sum_over_ranks(skipped, world)
     if log_file is not None:
         log_file.close()
-        if skipped:
-            print(f"data skipped or handled during training: {skipped}")
+        with open(os.path.join(cfg.out, "data_report.json"), "w") as f:
+            json.dump({"skipped_or_handled": report, "steps_run": ran}, f, indent=1)
+        if report:
+            print(f"data skipped or handled during training (all ranks): {report}")
+    _barrier()  # the ranks leave together: none tears its process group down while another still uses it
     return history
 
 

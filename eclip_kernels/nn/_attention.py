@@ -47,3 +47,19 @@ def attention_weights(q, k, *, scale, eps, mask):
     if q.dtype in _LOW_PRECISION or k.dtype in _LOW_PRECISION:
         q, k = q.float(), k.float()
     return slot_attention_weights(q, k.to(q.dtype), scale=scale, eps=eps, mask=mask)
+
+
+def check_tokens(name: str, t: torch.Tensor, dim: int, dims: str = "B, N") -> None:
+    """A clear error unless ``t`` is a floating tensor of shape (dims..., dim)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape ({dims}, {dim}), got {type(t).__name__}")
+    if t.dim() != dims.count(",") + 2 or t.shape[-1] != dim:
+        raise ValueError(f"{name} must have shape ({dims}, {dim}), got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+

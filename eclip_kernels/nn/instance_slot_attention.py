@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._attention import attend, attention_weights
+from ._attention import attend, attention_weights, check_positive_int, check_tokens
 
 
 class InstanceSlotAttentionOutput(NamedTuple):
@@ -56,6 +56,9 @@ class InstanceSlotAttention(nn.Module):
 
     def __init__(self, dim: int, *, eps: float = 0.0, bias: bool = True, backend: str = "auto"):
         super().__init__()
+        check_positive_int("dim", dim)
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
         self.dim = dim
         self.eps = eps
         self.scale = dim ** -0.5
@@ -100,6 +103,13 @@ class InstanceSlotAttention(nn.Module):
         Returns:
             H' (B, T, D), or an :class:`InstanceSlotAttentionOutput` when an extra is requested.
         """
+        check_tokens("queries", queries, self.dim, "B, T")
+        check_tokens("hidden", hidden, self.dim, "B, T")
+        if hidden.shape != queries.shape:
+            raise ValueError(f"queries and hidden must have the same shape, got {tuple(queries.shape)} and "
+                             f"{tuple(hidden.shape)}")
+        if z is not None:
+            check_tokens("z", z, self.dim)
         if k is None or v is None:
             if z is None:
                 raise ValueError("z is required unless both k and v are given")

@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ._attention import attend, attention_weights
+from ._attention import attend, attention_weights, check_positive_int, check_tokens
 
 
 class SlotAttention(nn.Module):
@@ -39,6 +39,12 @@ class SlotAttention(nn.Module):
     def __init__(self, num_slots: int, dim: int, iters: int = 3, eps: float = 1e-8, hidden_dim: int = 128,
                  *, backend: str = "auto"):
         super().__init__()
+        check_positive_int("num_slots", num_slots)
+        check_positive_int("dim", dim)
+        check_positive_int("iters", iters, minimum=0)
+        check_positive_int("hidden_dim", hidden_dim)
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
         self.dim = dim
         self.num_slots = num_slots
         self.iters = iters
@@ -86,9 +92,10 @@ class SlotAttention(nn.Module):
         Returns:
             slots (B, num_slots, dim), or ``(slots, attn)`` with ``return_attn=True``.
         """
+        check_tokens("inputs", inputs, self.dim)
         batch, _, dim = inputs.shape
-        if dim != self.dim:
-            raise ValueError(f"inputs must have shape (B, N, {self.dim}), got {tuple(inputs.shape)}")
+        if num_slots is not None:
+            check_positive_int("num_slots", num_slots)
         if slots is None:
             n_slots = self.num_slots if num_slots is None else num_slots
             slots = self.initial_slots(batch, n_slots, inputs.device, inputs.dtype)

@@ -38,9 +38,15 @@ def wrap_triton(kernel):
     return _torch_wrap_triton(kernel)
 
 
-__all__ = ["Geometry", "device_guard", "dot_precision", "geometry", "override_geometry", "wrap_triton"]
+__all__ = ["MAXNREG", "Geometry", "device_guard", "dot_precision", "geometry", "override_geometry", "wrap_triton"]
 
 GEOMETRY_ENV = "ECLIP_KERNELS_TRITON_GEOMETRY"
+
+# Register ceiling of the slot-attention kernels (the PTX .maxnreg). Left unset, ptxas sometimes caps them at
+# 128 registers on its own and spills (seen at 4 and 8 warps with triton 3.6 and 3.8); 255 lets it use what
+# the kernel needs. Not set for the contrastive kernels, where it made ptxas spill instead. The ahead-of-time
+# check verifies the outcome at every headline launch.
+MAXNREG = 255
 
 
 @dataclasses.dataclass(frozen=True)

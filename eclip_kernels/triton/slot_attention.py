@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard, dot_precision, geometry, wrap_triton
+from ._launch import MAXNREG, device_guard, dot_precision, geometry, wrap_triton
 
 __all__ = ["slot_attention_fwd", "slot_attention_bwd"]
 
@@ -84,12 +84,30 @@ def _token_valid(mask_base, rows64, n_ok, stride_mn, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _finish(s_acc, h_acc, o_acc, out_ptrs, out_msk, ent_ptrs, s_ptrs, stat_msk):
-    """out = o / S, ent = log S - h / S (0 where S = 0: no valid token), stored with S."""
+def _entropy_update(s_acc, h_acc, ref, m):
+    """Fold a tile of m (BLOCK_N x BLOCK_T) into the per-query sums S and h = sum m (log m - ref), where ref is
+    a running max of log m. The entropy is then (log S - ref) - h / S, both terms of the size of log N: the
+    plain log S - (sum m log m) / S subtracts two numbers of the size of |log m| (up to 87 nats for sharp
+    logits) and loses that many ulps."""
+    pos = m > 0
+    log_m = tl.log(tl.where(pos, m, 1.0))
+    new_ref = tl.maximum(ref, tl.max(tl.where(pos, log_m, float("-inf")), axis=0))
+    finite = new_ref > float("-inf")
+    shift = tl.where(finite, new_ref, 0.0)
+    # re-reference what is accumulated (nothing yet where ref = -inf: S = h = 0 there)
+    h_acc += s_acc * (tl.where(ref > float("-inf"), ref, shift) - shift)
+    h_acc += tl.sum(tl.where(pos, m * (log_m - shift[None, :]), 0.0), axis=0)
+    s_acc += tl.sum(m, axis=0)
+    return s_acc, h_acc, new_ref
+
+
+@triton.jit
+def _finish(s_acc, h_acc, ref, o_acc, out_ptrs, out_msk, ent_ptrs, s_ptrs, stat_msk):
+    """out = o / S, ent = (log S - ref) - h / S (0 where S = 0: no valid token), stored with S."""
     s_pos = s_acc > 0
     s_safe = tl.where(s_pos, s_acc, 1.0)
     inv_s = tl.where(s_pos, 1.0 / s_safe, 0.0)
-    ent = tl.where(s_pos, tl.log(s_safe) - h_acc * inv_s, 0.0)
+    ent = tl.where(s_pos, tl.log(s_safe) - tl.where(s_pos, ref, 0.0) - h_acc * inv_s, 0.0)
     tl.store(out_ptrs, (o_acc * inv_s[:, None]).to(out_ptrs.dtype.element_ty), mask=out_msk)
     tl.store(ent_ptrs, ent.to(ent_ptrs.dtype.element_ty), mask=stat_msk)
     tl.store(s_ptrs, s_acc.to(s_ptrs.dtype.element_ty), mask=stat_msk)
@@ -131,7 +149,8 @@ def _slot_attn_fwd_kernel(
     writes_stats = pid_v == 0
 
     s_acc = tl.zeros((BLOCK_T,), dtype=ACC)        # S[t]
-    h_acc = tl.zeros((BLOCK_T,), dtype=ACC)        # sum_i m log m
+    h_acc = tl.zeros((BLOCK_T,), dtype=ACC)        # sum_i m (log m - ref)
+    ref = tl.full((BLOCK_T,), float("-inf"), dtype=ACC)  # running max_i log m
     o_acc = tl.zeros((BLOCK_T, BLOCK_DV), dtype=ACC)  # sum_i m v  (/ col_max if RESCALE)
     col_max = tl.zeros((BLOCK_T,), dtype=ACC)       # running max_i m (RESCALE only)
 
@@ -158,9 +177,8 @@ def _slot_attn_fwd_kernel(
         big_m = tl.where(keep & (big_m >= TINY), big_m, 0.0)
         m = tl.where(keep, big_m + eps, 0.0)
 
-        s_acc += tl.sum(m, axis=0)
-        # 0 log 0 = 0: log is taken of 1 where m == 0
-        h_acc += tl.sum(m * tl.log(tl.where(m > 0, m, 1.0)), axis=0)
+        # 0 log 0 = 0: masked and underflowed entries add nothing
+        s_acc, h_acc, ref = _entropy_update(s_acc, h_acc, ref, m)
 
         v_tile = tl.load(v_base + rows64[:, None] * stride_vn + offs_v[None, :] * stride_vd,
                          mask=n_ok[:, None] & v_ok[None, :], other=0.0)
@@ -185,14 +203,15 @@ def _slot_attn_fwd_kernel(
     if RESCALE:
         o_acc = o_acc * col_max[:, None]
     if SPLIT:
-        # partial sums of this token range, float32: (n_splits, B, T, Dv) and (n_splits, B, 2, T)
+        # partial sums of this token range, float32: (n_splits, B, T, Dv) and (n_splits, B, 3, T)
         part = pid_s.to(tl.int64) * n_batch + b64
         po = po_ptr + part * T * DV + offs_t[:, None] * DV + offs_v[None, :]
         tl.store(po, o_acc, mask=t_ok[:, None] & v_ok[None, :])
-        tl.store(pst_ptr + part * 2 * T + offs_t, s_acc, mask=t_ok & writes_stats)
-        tl.store(pst_ptr + (part * 2 + 1) * T + offs_t, h_acc, mask=t_ok & writes_stats)
+        tl.store(pst_ptr + part * 3 * T + offs_t, s_acc, mask=t_ok & writes_stats)
+        tl.store(pst_ptr + (part * 3 + 1) * T + offs_t, h_acc, mask=t_ok & writes_stats)
+        tl.store(pst_ptr + (part * 3 + 2) * T + offs_t, ref, mask=t_ok & writes_stats)
     else:
-        _finish(s_acc, h_acc, o_acc,
+        _finish(s_acc, h_acc, ref, o_acc,
                 out_ptr + b64 * stride_ob + offs_t[:, None] * stride_ot + offs_v[None, :] * stride_od,
                 t_ok[:, None] & v_ok[None, :],
                 ent_ptr + b64 * T + offs_t, s_ptr + b64 * T + offs_t, t_ok & writes_stats)
@@ -217,13 +236,22 @@ def _slot_attn_fwd_merge_kernel(
     o_msk = t_ok[:, None] & v_ok[None, :]
     s_acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
     h_acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    ref = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
     o_acc = tl.zeros((BLOCK_T, BLOCK_DV), dtype=tl.float32)
     for sp in range(0, n_splits):
         part = sp * n_batch + b64
-        s_acc += tl.load(pst_ptr + part * 2 * T + offs_t, mask=t_ok, other=0.0)
-        h_acc += tl.load(pst_ptr + (part * 2 + 1) * T + offs_t, mask=t_ok, other=0.0)
+        s_p = tl.load(pst_ptr + part * 3 * T + offs_t, mask=t_ok, other=0.0)
+        h_p = tl.load(pst_ptr + (part * 3 + 1) * T + offs_t, mask=t_ok, other=0.0)
+        ref_p = tl.load(pst_ptr + (part * 3 + 2) * T + offs_t, mask=t_ok, other=float("-inf"))
+        # both sums to the larger reference (a split with S = 0 adds nothing)
+        new_ref = tl.maximum(ref, ref_p)
+        shift = tl.where(new_ref > float("-inf"), new_ref, 0.0)
+        h_acc += s_acc * (tl.where(ref > float("-inf"), ref, shift) - shift)
+        h_acc += h_p + s_p * (tl.where(ref_p > float("-inf"), ref_p, shift) - shift)
+        s_acc += s_p
+        ref = new_ref
         o_acc += tl.load(po_ptr + part * T * DV + offs_t[:, None] * DV + offs_v[None, :], mask=o_msk, other=0.0)
-    _finish(s_acc, h_acc, o_acc,
+    _finish(s_acc, h_acc, ref, o_acc,
             out_ptr + b64 * stride_ob + offs_t[:, None] * stride_ot + offs_v[None, :] * stride_od, o_msk,
             ent_ptr + b64 * T + offs_t, s_ptr + b64 * T + offs_t, t_ok & (pid_v == 0))
 
@@ -324,8 +352,13 @@ def _slot_attn_bwd_kernel(
             gv = _logits_tile(g_base, v_base, rows64, n_ok, offs_t, t_ok, offs_dv, DV,
                               stride_gt, stride_gd, stride_vn, stride_vd,
                               ACC, PREC, BLOCK_N, BLOCK_T, BLOCK_DV)
-            # log A = log m - log S, replaced by 0 where m == 0 (its factor M is 0 there)
-            log_a = tl.where(m > 0, tl.log(tl.where(m > 0, m, 1.0)) - log_s[None, :], 0.0)
+            # log A, replaced by 0 where m == 0 (its factor M is 0 there). log(m / S) rather than log m - log S:
+            # for a query no token picks, m and S are both tiny and their logs large (the difference would lose
+            # that many ulps); m / S is a normal number unless it underflows, then the difference is used.
+            a_val = m * inv_s[None, :]
+            log_a = tl.where(a_val >= TINY, tl.log(tl.where(a_val >= TINY, a_val, 1.0)),
+                             tl.log(tl.where(m > 0, m, 1.0)) - log_s[None, :])
+            log_a = tl.where(m > 0, log_a, 0.0)
             d_a = gv - g_ent[None, :] * (log_a + 1.0)
             # dm = (dA - c) / S can overflow for tiny S, but M / S <= 1 and m / S <= 1
             # (S sums them), so the products are formed as (M / S) (dA - c) instead:
@@ -472,7 +505,7 @@ def slot_attention_fwd(q, k, v, mask, scale: float, eps: float):
     split = n_splits > 1
     if split:
         po = torch.empty((n_splits, B, T, Dv), dtype=torch.float32, device=dev)
-        pst = torch.empty((n_splits, B, 2, T), dtype=torch.float32, device=dev)
+        pst = torch.empty((n_splits, B, 3, T), dtype=torch.float32, device=dev)
     else:
         po = pst = S  # unused
     mask_t, smb, smn, has_mask = _mask_args(mask, k)
@@ -491,7 +524,7 @@ def slot_attention_fwd(q, k, v, mask, scale: float, eps: float):
             RESCALE=q.dtype == torch.float16, SPLIT=split, PREC=prec,
             BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n_fwd,
             BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv_fwd,
-            num_warps=cfg.warps_fwd,
+            num_warps=cfg.warps_fwd, maxnreg=MAXNREG,
         )
         if split:
             block_dv = min(cfg.block_dv_fwd, max(16, 4096 // cfg.block_t))
@@ -559,7 +592,7 @@ def slot_attention_bwd(grad_out, grad_ent, q, k, v, mask, out, ent, S, lse, scal
             NEED_DQ=need_dq, NEED_DK=need_dk, NEED_DV=need_dv,
             BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n_bwd,
             BLOCK_D=cfg.block_d_bwd, BLOCK_DV=cfg.block_dv_bwd,
-            num_warps=cfg.warps_bwd,
+            num_warps=cfg.warps_bwd, maxnreg=MAXNREG,
         )
     if need_dq:
         grad_q = (dq_part[0] if n_splits == 1 else dq_part.sum(dim=0)).to(q.dtype)
