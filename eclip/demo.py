@@ -3,8 +3,9 @@
     eclip-demo                       # data in data/synthetic, runs and figures in runs/demo
 
 1. generates the synthetic catalogue if it is absent (``eclip-data synth``);
-2. trains eclip-tiny (decoder and its losses on) and the CLIP baseline (decoder off: ITC only) with the same
-   data, steps and optimizer;
+2. trains a shared warm-up of eclip-tiny with ITC only (the analogue of the paper's pretrained encoders), then
+   from it ECLIP (decoder and its losses on) and the CLIP baseline (decoder off: ITC only) for the same steps
+   with the same data, seed and optimizer (the ``demo-recipe`` training preset; docs/recipe.md);
 3. evaluates both on the held-out products with the zero-shot suite (:mod:`eclip.eval.zero_shot`) and prints
    its tables side by side: every task with the ECLIP method, the CLIP methods of both models, the trivial
    baselines and the chance level;
@@ -134,7 +135,10 @@ def main(argv=None) -> int:
     parser.add_argument("--products", type=int, default=3000)
     parser.add_argument("--images-per-product", type=int, default=3)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--epochs", type=float, default=20.0)
+    parser.add_argument("--warmup-steps", type=int, default=1500,
+                        help="steps of the shared ITC-only warm-up (0: both models from scratch)")
+    parser.add_argument("--steps", type=int, default=750, help="steps of each model after the warm-up")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the demo-recipe preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -156,11 +160,22 @@ def main(argv=None) -> int:
     histories, results, models = {}, {}, {}
     import eclip.models as em
 
+    recipe = preset("demo-recipe")
+    common = {"data": args.data, "seed": args.seed, **({"micro_batch": args.batch} if args.batch else {})}
+    warmup = None
+    if args.warmup_steps > 0:
+        warmup = preset("demo-recipe", {**common, "out": os.path.join(args.out, "warmup"),
+                                        "max_steps": args.warmup_steps,
+                                        "model_overrides": {**recipe.model_overrides, **RUNS["CLIP baseline"]}})
+        print(f"\n== shared warm-up ({warmup.model}, ITC only, {args.warmup_steps} steps)")
+        train(warmup, resume=True)
     for name, model_overrides in RUNS.items():
         slug = name.lower().replace(" ", "-")
-        cfg = preset("demo", {"data": args.data, "out": os.path.join(args.out, slug), "epochs": args.epochs,
-                              "seed": args.seed, "model_overrides": {**preset("demo").model_overrides, **model_overrides}})
-        print(f"\n== training {name} ({cfg.model}, {'decoder on' if not model_overrides else 'decoder off'})")
+        cfg = preset("demo-recipe", {**common, "out": os.path.join(args.out, slug), "max_steps": args.steps,
+                                     "init_from": warmup.out if warmup else None,
+                                     "model_overrides": {**recipe.model_overrides, **model_overrides}})
+        print(f"\n== training {name} ({cfg.model}, {'decoder on' if not model_overrides else 'decoder off'}, "
+              f"{args.steps} steps{' from the warm-up' if warmup else ''})")
         history = train(cfg, resume=True)
         metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         with open(metrics_path) as f:

@@ -20,7 +20,7 @@ def test_the_demo_writes_the_summary_block(tmp_path, capsys):
 
     data, out = str(tmp_path / "data"), str(tmp_path / "runs")
     synth.generate_catalogue(data, 40, 3, 64, seed=0, workers=1, same_category_distractor=0.5)
-    assert demo.main(["--data", data, "--out", out, "--epochs", "2"]) == 0
+    assert demo.main(["--data", data, "--out", out, "--warmup-steps", "2", "--steps", "2", "--batch", "16"]) == 0
     printed = capsys.readouterr().out
     assert "Fine-grained product retrieval" in printed and "Headline numbers" in printed
     with open(os.path.join(out, "results.json")) as f:
@@ -37,7 +37,7 @@ def test_the_demo_writes_the_summary_block(tmp_path, capsys):
     for name in ("training_curves.png", "grounding.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     # a second run finds both final checkpoints and only evaluates them again: the same numbers
-    assert demo.main(["--data", data, "--out", out, "--epochs", "2"]) == 0
+    assert demo.main(["--data", data, "--out", out, "--warmup-steps", "2", "--steps", "2", "--batch", "16"]) == 0
     capsys.readouterr()
     with open(os.path.join(out, "results.json")) as f:
         again = json.load(f)["summary"]

@@ -213,3 +213,39 @@ def test_a_rank_that_loses_samples_to_unreadable_images_neither_crashes_nor_bias
     norm = torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), float("inf"))
     for key, want in (("loss", losses["loss"]), ("itc", losses["itc"]), ("grad_norm", norm)):
         assert abs(records[0][key] - want.item()) <= 1e-4 * abs(want.item()), (key, records[0][key], want.item())
+
+
+def test_branches_start_from_the_warm_up_and_norms_do_not_decay(catalogue, tmp_path, capsys):
+    """init_from copies the warm-up's towers into a model with a decoder (and into its momentum copy); the
+    decoder keeps its initialization. Weight decay applies to matrices only."""
+    from eclip.train.trainer import parameter_groups, start_from
+
+    warm = _cfg(catalogue, tmp_path / "warm", max_steps=2, model_overrides={"use_decoder": False, "queue_size": 0})
+    train(warm, progress=False)
+    source = load_trained(warm).state_dict()
+    torch.manual_seed(123)
+    model = em.create("eclip-tiny")
+    fresh_decoder = {k: v.clone() for k, v in model.state_dict().items() if "decoder" in k}
+    moved = start_from(model, str(tmp_path / "warm"))
+    state = model.state_dict()
+    for key, value in source.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+        if key.startswith("towers."):
+            torch.testing.assert_close(state["momentum_" + key], value, rtol=0, atol=0, msg=key)
+    for key, value in fresh_decoder.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    assert "towers.decoder.pos_embed" in moved["kept"] and "logit_scale" in moved["loaded"]
+    assert "tensors loaded" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        start_from(model, str(tmp_path / "nothing"))
+
+    cfg = _cfg(catalogue, tmp_path / "x")
+    decay, no_decay = parameter_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and "logit_scale" in no_decay_names
+    assert "towers.decoder.pos_embed" in no_decay_names and "towers.visual.pos_embed" in no_decay_names
+    assert all(names[id(p)].endswith("weight") and p.dim() >= 2 for p in decay["params"])
+    assert not any(n.startswith("momentum_towers.") for n in no_decay_names)
+    (everything,) = parameter_groups(model, _cfg(catalogue, tmp_path / "y", decay_all=True))
+    assert len(everything["params"]) == len(model.trainable_parameters())

@@ -44,12 +44,28 @@ class TrainConfig:
     heldout_fraction: float = 0.1
     shard_group_size: int | None = None  # HSDP: shard within groups of this many ranks, replicate across
     tensorboard: bool = False
+    # the weights of an earlier run to start from (its --out folder: the latest checkpoint there), e.g. the
+    # shared ITC warm-up from which the demo's ECLIP and CLIP baseline branch; parameters it lacks (the
+    # decoder of a model warmed up without one) keep their initialization, the momentum copy starts equal to
+    # the loaded towers. Optimizer, schedule and step start afresh.
+    init_from: str | None = None
+    # training crop: "random_resized" (the paper's) or "keep_box" (a random crop that keeps the product box)
+    crop: str = "random_resized"
+    # weight decay on every parameter (True), or only on matrices (False: no decay on norms, biases, position
+    # and type embeddings, the decoder's query embeddings and the logit scale, as CLIP and ViT recipes do)
+    decay_all: bool = False
 
 
 PRESETS: dict[str, dict] = {
     # eclip-tiny on the synthetic catalogue, on a 2-core CPU in a few minutes
     "demo": dict(model="eclip-tiny", micro_batch=32, epochs=3.0, lr=3e-4, warmup_steps=20, checkpoint_every=200,
                  log_every=10, model_overrides=dict(queue_size=128)),
+    # eclip-demo's recipe (eclip.demo; the choices and their measurements are in docs/recipe.md): patch 8 at
+    # 64 px (64 image tokens, so that a product covers several), batch 64, lr 1e-3 with 100 warmup steps, weight
+    # decay 0.05 on matrices only. The demo trains a shared ITC-only warm-up with it, then ECLIP and the CLIP
+    # baseline from that warm-up (init_from) for the same steps.
+    "demo-recipe": dict(model="eclip-tiny", micro_batch=64, lr=1e-3, weight_decay=0.05, warmup_steps=100,
+                        checkpoint_every=250, log_every=25, model_overrides=dict(patch_size=8, queue_size=128)),
     # The paper's ViT-B recipe: 200 per GPU x 32 A100s = 6400, bf16, 15 epochs, AdamW 1e-4 with warmup.
     # Layout: hybrid sharding, parameters sharded within a node of 8 GPUs and replicated across the 4 nodes:
     # 221M parameters in fp32 with AdamW need ~3.5 GB of state, 0.45 GB per GPU sharded 8 ways, so sharding

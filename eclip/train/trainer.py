@@ -301,7 +301,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = em.create(cfg.model, **cfg.model_overrides).to(device)
     tokenizer = em.tokenizer_for(model)
-    dataset = ProductDataset(train_products, model.config.image_size, train=True, seed=cfg.seed, product_index=index)
+    if cfg.init_from is not None:
+        start_from(model, cfg.init_from, announce=rank == 0)
+    dataset = ProductDataset(train_products, model.config.image_size, train=True, seed=cfg.seed, product_index=index,
+                             crop=cfg.crop)
     per_epoch = len(dataset) // (cfg.micro_batch * world) // cfg.grad_accum
     if per_epoch == 0:
         raise ValueError(f"{len(dataset)} training products are fewer than one global batch of {global_batch}")
@@ -315,7 +318,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         model.towers.visual.compile()
         model.towers.text.compile()
     group = dist.group.WORLD if world > 1 else None
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.98), fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
@@ -465,6 +468,56 @@ def full_state_dict(model) -> dict:
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+
+
+def parameter_groups(model: em.ECLIP, cfg: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: with ``cfg.decay_all`` one group; otherwise matrices (weights of
+    linear, attention and patch-embedding layers, token embeddings) decay and the rest does not: norms, biases,
+    position / type / query embeddings and the logit scale, which weight decay would only pull towards 0."""
+    params = [(name, p) for name, p in model.named_parameters() if not name.startswith("momentum_towers.")]
+    if cfg.decay_all:
+        return [{"params": [p for _, p in params]}]
+
+    def decays(name: str, p: torch.Tensor) -> bool:
+        leaf = name.rsplit(".", 1)[-1]
+        if p.dim() < 2 or leaf in ("pos_embed", "cls_token", "logit_scale") or "position_embeddings" in name \
+                or "token_type_embeddings" in name or "type_embed" in name:
+            return False
+        return True
+
+    return [{"params": [p for n, p in params if decays(n, p)]},
+            {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
+
+
+def start_from(model: em.ECLIP, source: str, *, announce: bool = True) -> dict[str, list[str]]:
+    """Copy into ``model`` the weights of the run under ``source`` (its latest checkpoint; see
+    ``TrainConfig.init_from``). Parameters of the same name and shape are copied; the momentum copy of the
+    towers, when ``model`` has one and the source has none, starts equal to the loaded towers; the rest keeps
+    its initialization. Returns {"loaded": [...], "kept": [...]} (names), printed when ``announce``."""
+    config_file = os.path.join(source, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"init_from={source!r}: no config.json there (the --out folder of a finished run)")
+    with open(config_file) as f:
+        fields = {k: v for k, v in json.load(f).items() if k in {x.name for x in dataclasses.fields(TrainConfig)}}
+    source_state = load_trained(TrainConfig(**fields)).state_dict()
+    target = model.state_dict()
+    loaded, kept = [], []
+    with torch.no_grad():
+        for name, tensor in target.items():
+            origin = name
+            if origin not in source_state and name.startswith("momentum_towers."):
+                origin = name[len("momentum_"):]
+            if origin in source_state and source_state[origin].shape == tensor.shape:
+                tensor.copy_(source_state[origin])
+                loaded.append(name)
+            else:
+                kept.append(name)
+    if not loaded:
+        raise ValueError(f"init_from={source!r}: no parameter of that run matches this model")
+    if announce:
+        print(f"started from {source}: {len(loaded)} tensors loaded, {len(kept)} kept their initialization"
+              + (f" ({', '.join(sorted({k.split('.')[0] for k in kept}))})" if kept else ""))
+    return {"loaded": loaded, "kept": kept}
 
 
 def load_trained(cfg: TrainConfig) -> em.ECLIP:
