@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -66,6 +67,25 @@ def test_forward_returns_five_finite_losses_and_the_weighted_total():
     weights = model.config.loss_weights
     expect = sum(weights[k] * losses[k] for k in weights)
     torch.testing.assert_close(losses["loss"], expect)
+
+
+def test_entropy_form_positive_is_the_positive_querys_entropy_alone():
+    paper = _model()
+    positive = _model(entropy_form="positive")
+    positive.load_state_dict(paper.state_dict())
+    batch = _batch(paper)
+    torch.manual_seed(5)
+    a = paper(batch)
+    torch.manual_seed(5)  # the same prompt draw: the decoder's entropies agree, only Eq. 10's form differs
+    b = positive(batch)
+    for key in ("itc", "intra", "inter", "itm"):
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    n_tokens = paper.config.num_patches
+    # Eq. 10 = mean_b [ent_pos + sum_neg (log N - ent_neg)], so the two forms differ by the negatives' terms,
+    # which are >= 0 (entropy <= log N): the paper's form is never the smaller
+    assert a["entropy"] >= b["entropy"] and 0 < b["entropy"] <= math.log(n_tokens) + 1e-4
+    with pytest.raises(ValueError, match="entropy_form"):
+        _model(entropy_form="negatives")
 
 
 # which parameters each loss must reach (prefixes of parameter names)

@@ -20,7 +20,9 @@ class ECLIPConfig:
     and attention dropout).
     Joint space and decoder: embed_dim (D), decoder_depth (L), num_queries (T), decoder_heads, decoder_mlp.
     Training: momentum (EMA of the momentum model), queue_size (Eq. 8 negatives; 0 = off), loss_weights,
-    use_decoder (False = plain CLIP baseline: only the ITC loss), backend (of the fused kernels).
+    use_decoder (False = plain CLIP baseline: only the ITC loss), backend (of the fused kernels),
+    entropy_form: "paper" (Eq. 10: low entropy for the positive query, high for the T - 1 negatives) or
+    "positive" (the positive query's term only; docs/recipe.md has why it is measured).
     """
 
     image_size: int = 224
@@ -48,6 +50,7 @@ class ECLIPConfig:
         default_factory=lambda: {"itc": 1.0, "inter": 1.0, "itm": 1.0, "intra": 1.0, "entropy": 1.0}
     )
     use_decoder: bool = True
+    entropy_form: str = "paper"
     backend: str = "auto"
     vocab_file: str | None = None
 
@@ -56,6 +59,8 @@ class ECLIPConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.num_queries < 2:
             raise ValueError("num_queries must be >= 2 (one positive and at least one negative prompt)")
+        if self.entropy_form not in ("paper", "positive"):
+            raise ValueError(f"entropy_form must be 'paper' or 'positive', got {self.entropy_form!r}")
         unknown = set(self.loss_weights) - {"itc", "inter", "itm", "intra", "entropy"}
         if unknown:
             raise ValueError(f"unknown loss weights {sorted(unknown)}; known: itc, inter, itm, intra, entropy")

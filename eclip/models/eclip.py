@@ -240,7 +240,10 @@ class ECLIP(nn.Module):
         intra_logits = scale * F.normalize(out.hidden, dim=-1) @ text_emb[:, :, None]
         losses["intra"] = F.cross_entropy(intra_logits.squeeze(-1), pos_index)
         # entropy regularizer (Eq. 10) over the last block's attention
-        losses["entropy"] = ek.entropy_regularizer(out.entropy, pos_index, num_tokens=tokens.shape[1])
+        if cfg.entropy_form == "paper":
+            losses["entropy"] = ek.entropy_regularizer(out.entropy, pos_index, num_tokens=tokens.shape[1])
+        else:  # the positive query's entropy only: the negatives are not pushed towards uniform attention
+            losses["entropy"] = out.entropy.gather(1, pos_index[:, None]).mean()
 
         # inter-product (Eq. 8): momentum representation of another image of the same product as positive
         with torch.no_grad():
