@@ -11,13 +11,15 @@ not stop the later ones:
   build      installs the carried wheels of .whl/ (if any) into a folder put on PYTHONPATH, builds the
              extension with its CUDA sources (FORCE_CUDA=1, `pip install --no-build-isolation --no-deps -e .`;
              `python setup.py build_ext --inplace` if that fails), prints available_backends() -> build.log
-  tests      pytest of the Triton test files and tests/test_gpu_large.py, then every other test marked `gpu`
+  tests      pytest of the Triton test files, the CUDA C++ slot-attention tests (tests/test_slot_attention_cuda.py,
+             the experimental backend "cuda") and tests/test_gpu_large.py, then every other test marked `gpu`
              (junit XML parsed into results.json) -> tests.log
   sanitizer  compute-sanitizer memcheck and racecheck over bench/gpu_sanitize_cases.py (each Triton kernel
-             once forward+backward at small shapes); "unavailable" with the tool's message where the tool is
-             missing or refuses the device -> sanitizer.log
-  bench      bench/slot_attention_table.py at the SPEC GPU shapes and bench/contrastive_table.py --device
-             cuda at B = 6400, 65536, 262144 (not with --quick), D = 512, bf16 -> bench.log
+             and each slot-attention CUDA C++ kernel once forward+backward at small shapes); "unavailable"
+             with the tool's message where the tool is missing or refuses the device -> sanitizer.log
+  bench      bench/slot_attention_table.py at the SPEC GPU shapes (rows: eager reference, torch.compile of it,
+             triton and cuda) and bench/contrastive_table.py --device cuda at B = 6400, 65536, 262144 (not
+             with --quick), D = 512, bf16 -> bench.log
 
 Everything lands in the output folder (--out; default $OUT when set, else bench/results/gpu-<date>), at
 most 8 plain files, no deeper than two folders, simple names: env.json, build.log, tests.log, sanitizer.log,
@@ -58,8 +60,8 @@ RESERVE_S = 25
 # Below this many seconds a stage is not started.
 MIN_STAGE_S = 5
 
-TEST_FILES = ("tests/test_slot_attention_triton.py", "tests/test_contrastive_triton.py", "tests/test_gpu_large.py",
-              "tests/test_properties_triton.py")
+TEST_FILES = ("tests/test_slot_attention_triton.py", "tests/test_contrastive_triton.py",
+              "tests/test_slot_attention_cuda.py", "tests/test_gpu_large.py", "tests/test_properties_triton.py")
 GPU_MARKED_DIR = "tests"  # every other test marked `gpu` under it runs too
 SLOT_SHAPES = ("eclip-b", "eclip-b-large-batch", "object-centric")
 CLIP_BATCHES = (6400, 65536, 262144)

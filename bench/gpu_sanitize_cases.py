@@ -1,8 +1,14 @@
-"""Every Triton kernel once, forward and backward, at small shapes: the program compute-sanitizer runs.
+"""Every Triton kernel once, forward and backward, at small shapes, and the slot-attention CUDA C++ kernels
+(backend "cuda", csrc/cuda) likewise: the program compute-sanitizer runs.
 
     compute-sanitizer --tool memcheck python bench/gpu_sanitize_cases.py
     compute-sanitizer --tool racecheck python bench/gpu_sanitize_cases.py --quick
     python bench/gpu_sanitize_cases.py --device cpu --backend reference    # the driver itself, without a GPU
+
+The cases of --backend (default triton) cover every family; --slot-backends (default cuda) adds the
+slot-attention cases of other backends on CUDA devices (named "cuda:slot_attention-..."; left out, with a
+note, where that backend is not usable). The CUDA cases run with ECLIP_KERNELS_CUDA_TARGET_BLOCKS unset and
+again forced to split the tokens ("...-split"), so both the single-block and the merge/slab paths are checked.
 
 Shapes are small (the sanitizers slow kernels down 10-100x) but not single-tile: odd sizes, several token
 tiles, partial last tiles, a fully masked sample. Set PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that every tensor
@@ -97,6 +103,41 @@ def deterministic(fn):
     return run
 
 
+def with_env(name: str, value: str, fn):
+    """fn() with the environment variable name set to value (restored afterwards)."""
+    import os
+
+    def run():
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+
+    return run
+
+
+def slot_cases(backend: str, device: str, quick: bool = False) -> dict:
+    """The slot-attention cases of one more backend (its own kernels, its own names)."""
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    table = {
+        f"{backend}:slot_attention-fp32-nomask": slot_attention_case(f32, False, backend, device),
+        f"{backend}:slot_attention-fp32-mask": slot_attention_case(f32, True, backend, device),
+        f"{backend}:slot_attention-bf16-mask": slot_attention_case(bf16, True, backend, device),
+        f"{backend}:slot_attention-fp16-mask": slot_attention_case(f16, True, backend, device),
+        f"{backend}:slot_attention-fp32-mask-split": with_env(
+            "ECLIP_KERNELS_CUDA_TARGET_BLOCKS", "4096", slot_attention_case(f32, True, backend, device)),
+        f"{backend}:deterministic-slot_attention": deterministic(slot_attention_case(f32, True, backend, device)),
+    }
+    if quick:
+        del table[f"{backend}:slot_attention-fp16-mask"]
+    return table
+
+
 def cases(backend: str, device: str, quick: bool = False) -> dict:
     f32, bf16 = torch.float32, torch.bfloat16
     table = {
@@ -122,12 +163,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="triton", help="backend of every call (default triton)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--slot-backends", default="cuda",
+                        help="comma-separated backends whose slot-attention cases run too, on CUDA devices "
+                        "(default cuda; '' for none)")
     parser.add_argument("--quick", action="store_true", help="leave out the bfloat16 repeats of covered kernels")
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
     args = parser.parse_args(argv)
 
     table = cases(args.backend, args.device, args.quick)
+    if args.device == "cuda":
+        status = ek.available_backends()
+        for extra in [b.strip() for b in args.slot_backends.split(",") if b.strip() and b.strip() != args.backend]:
+            if extra in status and status[extra].usable and "cuda" in status[extra].devices:
+                table.update(slot_cases(extra, args.device, args.quick))
+            else:
+                reason = status[extra].reason if extra in status else "unknown backend"
+                print(f"sanitize cases: no {extra} slot-attention cases ({reason})", file=sys.stderr, flush=True)
     if args.list:
         print("\n".join(table))
         return 0

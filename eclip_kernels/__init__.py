@@ -8,6 +8,7 @@ See ``ek.available_backends()`` for what runs on this machine.
 """
 
 from . import nn, ops  # noqa: F401  (ops registers fake kernels and autograd of the operators)
+from ._extension import ExtensionLoadWarning
 from .backends import BackendFallbackWarning, BackendStatus, available_backends
 from .functional import entropy_regularizer, slot_attention, slot_attention_weights
 from .losses import clip_loss, info_nce
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendFallbackWarning",
     "BackendStatus",
+    "ExtensionLoadWarning",
     "MomentumQueue",
     "available_backends",
     "clip_loss",

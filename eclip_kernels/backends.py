@@ -6,9 +6,13 @@ Backends:
   The oracle of the tests. It materializes the (B, N, T) attention and the (B, B) logits.
 * ``cpu`` — CPU tensors. Slot attention: C++ kernels in ``eclip_kernels._C`` (float32, float64, bfloat16).
   Contrastive losses: tiled ATen matrix products (``eclip_kernels/aten``; any floating dtype; no extension).
-* ``cuda`` — CUDA tensors. Slot attention: CUDA C++ kernels in ``eclip_kernels._C`` (not written yet).
-  Contrastive losses: the same tiled ATen kernels as ``cpu`` (any floating dtype; no extension needed), so
-  this family's ``cuda`` backend runs whenever the tensors are on a CUDA device.
+* ``cuda`` — CUDA tensors. Slot attention: CUDA C++ kernels in ``eclip_kernels._C`` (float32, float64,
+  float16, bfloat16; at most 64 queries), compiled with FORCE_CUDA=1 or where a GPU is visible at build time.
+  EXPERIMENTAL: written and resource-checked without a GPU (scripts/cuda_resources.py); they run only when
+  named (``backend="cuda"``), ``auto`` does not pick them until a GPU has verified them
+  (:data:`CUDA_SLOT_ATTENTION_VERIFIED`). Contrastive losses: the same tiled ATen kernels as ``cpu`` (any
+  floating dtype; no extension needed), so this family's ``cuda`` backend runs whenever the tensors are on a
+  CUDA device.
 * ``triton`` — Triton kernels: CUDA tensors; float32, float16, bfloat16. CPU tensors only when the
   environment has ``TRITON_INTERPRET=1`` set before Triton is imported (the Triton interpreter, slow; used by
   the tests on machines without a GPU). Needs ``import triton`` to succeed, a GPU of compute capability
@@ -17,8 +21,9 @@ Backends:
 ``"auto"`` picks, for the tensor's device, the fastest backend that can run the call:
 
 * CPU tensors: ``cpu`` (slot attention: when the extension is loaded and the dtype is not float16);
-* CUDA tensors: slot attention ``cuda`` when its kernels are registered, else ``triton``; contrastive
-  losses ``triton``, else the tiled ATen kernels (``cuda``), never the B x B reference;
+* CUDA tensors: slot attention ``triton`` (the experimental ``cuda`` kernels only once verified on a GPU,
+  :data:`CUDA_SLOT_ATTENTION_VERIFIED`); contrastive losses ``triton``, else the tiled ATen kernels
+  (``cuda``), never the B x B reference;
 * any other device: ``reference``.
 
 When ``auto`` cannot use the fused backend it would pick for that device (Triton not importable, a GPU too
@@ -52,10 +57,17 @@ MAX_QUERIES = {"cuda": 64, "triton": 64}
 TRITON_MIN_CAPABILITY = (7, 5)
 BF16_MIN_CAPABILITY = (8, 0)
 
+# The slot-attention CUDA C++ kernels (csrc/cuda) were written and resource-checked on a machine without a
+# GPU. Until the GPU tests (tests/test_slot_attention_cuda.py, scripts/gpu_check.sh) have passed on a GPU they
+# are experimental: they run when named (backend="cuda"), and "auto" keeps choosing Triton on CUDA tensors.
+CUDA_SLOT_ATTENTION_VERIFIED = False
+CUDA_EXPERIMENTAL_NOTE = ("experimental CUDA C++ kernels, not yet verified on a GPU: backend='cuda' runs them, "
+                          "auto uses triton")
+
 _DTYPES = {
     "reference": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
     "cpu": (torch.float64, torch.float32, torch.bfloat16),
-    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
 }
 
@@ -152,6 +164,11 @@ def _cuda_kernel_registered(op: str) -> bool:
     return _extension.is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
 
 
+def _cuda_slot_attention_registered() -> bool:
+    """Both slot-attention operators have a CUDA kernel in the loaded extension."""
+    return all(_cuda_kernel_registered(f"eclip_kernels::slot_attention_{d}") for d in ("fwd", "bwd"))
+
+
 # --- warnings ---------------------------------------------------------------------------------------------
 
 _WARNED: set[str] = set()
@@ -212,15 +229,13 @@ def available_backends() -> dict[str, BackendStatus]:
         status["cuda"] = BackendStatus(
             False, False, ("cuda",), _DTYPES["cuda"], f"slot attention: {reason}; {tiled}, {gpu_note}"
         )
-    elif not _cuda_kernel_registered("eclip_kernels::slot_attention_fwd"):
-        reason = "built, but the CUDA kernel is not implemented yet (auto uses triton)"
-        if not has_gpu:
-            reason = "built; no CUDA GPU visible, and the CUDA kernel is not implemented yet"
+    elif not _cuda_slot_attention_registered():
+        reason = "eclip_kernels._C has CUDA sources but no CUDA slot-attention kernel is registered"
         status["cuda"] = BackendStatus(
             True, False, ("cuda",), _DTYPES["cuda"], f"slot attention: {reason}; {tiled}, {gpu_note}"
         )
     else:
-        reason = "CUDA kernels" if has_gpu else "built, no CUDA GPU visible"
+        reason = "CUDA C++ kernels" if CUDA_SLOT_ATTENTION_VERIFIED else CUDA_EXPERIMENTAL_NOTE
         status["cuda"] = BackendStatus(
             True, has_gpu, ("cuda",), _DTYPES["cuda"], f"slot attention: {reason}; {tiled}, {gpu_note}"
         )
@@ -356,7 +371,7 @@ def _auto_backend(device: torch.device, dtype: torch.dtype, num_queries: int, op
     if device.type != "cuda":
         return "reference", None
 
-    if op == "slot_attention" and _cuda_kernel_registered("eclip_kernels::slot_attention_fwd") and \
+    if op == "slot_attention" and CUDA_SLOT_ATTENTION_VERIFIED and _cuda_slot_attention_registered() and \
             dtype in _DTYPES["cuda"] and num_queries <= MAX_QUERIES["cuda"]:
         return "cuda", None
     cause = _triton_unfit(device, dtype)
@@ -428,9 +443,10 @@ def _check_usable(backend: str, device: torch.device, op: str) -> None:
                 "backend 'cuda' is not available: eclip_kernels._C was built without CUDA sources "
                 f"({_extension.LOAD_ERROR or 'rebuild with FORCE_CUDA=1'})"
             )
-        if not _cuda_kernel_registered("eclip_kernels::slot_attention_fwd"):
+        if not _cuda_slot_attention_registered():
             raise RuntimeError(
-                "backend 'cuda' has no slot_attention kernel yet; use backend='triton' or 'auto'"
+                "backend 'cuda' has no slot-attention kernel in this build of eclip_kernels._C; use "
+                "backend='triton' or 'auto'"
             )
         return
     if backend == "triton":

@@ -145,11 +145,11 @@ def slot_attention(
         ``out`` (B, T, Dv) in the input dtype, or ``(out, ent)``; ``ent`` is float32 (float64 for float64
         inputs).
 
-    Numerics: the fused backends (cpu, triton) accumulate in float32 (float64 for float64 inputs), make one
-    pass over the tokens for all T queries, and never store the (B, N, T) attention: backward recomputes it
-    from q, k and the per-token log-sum-exp. Supported dtypes: cpu float32/float64/bfloat16; triton
-    float32/float16/bfloat16; reference any floating dtype (computed in the input dtype). T <= 64 on
-    triton; no limit on cpu and reference. ``auto`` falls back with a
+    Numerics: the fused backends (cpu, cuda, triton) accumulate in float32 (float64 for float64 inputs), make
+    one pass over the tokens for all T queries, and never store the (B, N, T) attention: backward recomputes
+    it from q and k. Supported dtypes: cpu float32/float64/bfloat16; cuda (experimental, not yet verified on
+    a GPU; only when named) float32/float64/float16/bfloat16; triton float32/float16/bfloat16; reference any
+    floating dtype (computed in the input dtype). T <= 64 on cuda and triton; no limit on cpu and reference. ``auto`` falls back with a
     :class:`~eclip_kernels.BackendFallbackWarning` that names the reason (README "Precision and backend
     choice").
 

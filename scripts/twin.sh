@@ -108,6 +108,11 @@ if step build; then
   "$py" -m pip install --quiet --no-build-isolation --no-deps -e .
   "$py" -c 'import eclip_kernels as ek; [print(f"   {n:10s} usable={s.usable!s:5s} {s.reason}") for n, s in ek.available_backends().items()]'
   "$py" -c 'import eclip_kernels._extension as e, sys; sys.exit(0 if e.is_loaded() else f"twin: eclip_kernels._C did not load: {e.LOAD_ERROR}")'
+  if [ "${FORCE_CUDA:-0}" = "1" ]; then
+    # the CUDA C++ kernels as torch 2.11's headers compile them: no spill (scripts/cuda_resources.py)
+    arch_list=$(echo "$TORCH_CUDA_ARCH_LIST" | tr ';' '\n' | sed 's/[^0-9]//g' | paste -sd, -)
+    "$py" scripts/cuda_resources.py --arch "$arch_list" --json "${TMPDIR:-/tmp}/twin-cuda-resources.json"
+  fi
   echo "== twin: built at $(elapsed) s"
 fi
 

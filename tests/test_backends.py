@@ -226,7 +226,7 @@ def test_contrastive_on_cuda_without_triton_uses_the_tiled_kernels(monkeypatch, 
     assert "triton package is not installed" in messages[0] and "tiled ATen" in messages[0]
     assert backends.resolve_backend("cuda", CUDA0, dtype, 1, "contrastive") == "cuda"
     assert contrastive_ops.OPS["cuda"]["clip_fwd"] is contrastive_ops.OPS["cpu"]["clip_fwd"]
-    # slot attention's cuda backend is still the (unwritten) C++ kernels
+    # slot attention's cuda backend is the C++ kernels of the extension, which this (pretended) build lacks
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
         backends.resolve_backend("cuda", CUDA0, torch.float32, 8)
 
@@ -493,3 +493,41 @@ def test_mixed_input_dtypes_are_accepted_under_autocast_only(loss_spy, slot_spy)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ek.slot_attention(*mixed)
         assert slot_spy[-1] == ("cpu", torch.bfloat16, torch.bfloat16, torch.bfloat16)
+
+
+# --- 1f. the experimental CUDA C++ slot-attention kernels ------------------------------------------------------
+
+
+@pytest.mark.skipif(not _extension.cuda_sources_built(), reason="eclip_kernels._C was built without CUDA sources")
+def test_cuda_build_registers_the_slot_attention_kernels():
+    for op in ("eclip_kernels::slot_attention_fwd", "eclip_kernels::slot_attention_bwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    status = ek.available_backends()["cuda"]
+    assert status.built and "experimental" in status.reason and "not yet verified on a GPU" in status.reason
+    assert status.usable == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_auto_keeps_triton_while_the_cuda_kernels_are_experimental(monkeypatch, dtype):
+    fake_gpu(monkeypatch, (9, 0))
+    monkeypatch.setattr(backends, "_cuda_slot_attention_registered", lambda: True)
+    monkeypatch.setattr(backends, "_triton_import_error", lambda: None)
+    monkeypatch.setattr(_extension, "cuda_sources_built", lambda: True)
+    assert not backends.CUDA_SLOT_ATTENTION_VERIFIED
+    assert resolve("auto", CUDA0, dtype, 20) == ("triton", [])
+    # named, they run (float64 too, which the Triton kernels do not take)
+    for named_dtype in (dtype, torch.float64):
+        assert backends.resolve_backend("cuda", CUDA0, named_dtype, 20) == "cuda"
+    with pytest.raises(ValueError, match="at most 64 queries"):
+        backends.resolve_backend("cuda", CUDA0, dtype, 65)
+    # once verified on a GPU, auto would take them
+    monkeypatch.setattr(backends, "CUDA_SLOT_ATTENTION_VERIFIED", True)
+    assert resolve("auto", CUDA0, dtype, 20) == ("cuda", [])
+
+
+def test_named_cuda_backend_without_its_kernels_says_so(monkeypatch):
+    fake_gpu(monkeypatch, (9, 0))
+    monkeypatch.setattr(_extension, "cuda_sources_built", lambda: True)
+    monkeypatch.setattr(backends, "_cuda_slot_attention_registered", lambda: False)
+    with pytest.raises(RuntimeError, match="no slot-attention kernel in this build"):
+        backends.resolve_backend("cuda", CUDA0, torch.float32, 8)

@@ -347,7 +347,12 @@ def test_sanitize_cases_driver_runs_on_cpu(capsys):
     assert "3 ok, 0 failed" in out and out.rstrip().endswith("sanitize cases: all done")
     assert gsc.main(["--list"]) == 0
     listed = capsys.readouterr().out.split()
-    assert len(listed) == 11 and "deterministic-slot_attention" in listed
+    # the cases of --backend; on a GPU machine also the slot-attention cases of --slot-backends ("cuda:...")
+    assert len([n for n in listed if ":" not in n]) == 11 and "deterministic-slot_attention" in listed
+    assert set(n.split(":")[0] for n in listed if ":" in n) <= {"cuda"}
+    extra = gsc.slot_cases("cuda", "cpu")
+    assert len(extra) == 6 and all(n.startswith("cuda:slot_attention-") or n == "cuda:deterministic-slot_attention"
+                                   for n in extra)
     with pytest.raises(SystemExit) as exc:
         gsc.main(["--cases", "nope"])
     assert exc.value.code == 2 and "unknown case(s) nope" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 // Slot-attention CPU kernels compiled for several instruction sets and selected at run time.
 //
 // slot_attention_impl.h is included once per instruction set, each time in its own namespace and, on
-// x86-64, inside a `#pragma GCC target` region opened after every library header has been included: only
-// code of this project is compiled with the wider instruction set, and all of it has internal linkage.
+// x86-64, inside a `#pragma GCC target` region (GCC; with clang, `#pragma clang attribute` giving every function
+// the same target attribute) opened after every library header has been included: only code of this project
+// is compiled with the wider instruction set, and all of it has internal linkage.
 // The generic copy is built with the baseline flags (SSE2 on x86-64, NEON on aarch64).
 #include "slot_attention_kernels.h"
 
@@ -30,8 +31,12 @@ namespace isa_generic {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(EK_GENERIC_ONLY)  // EK_GENERIC_ONLY: compile test of other targets
 #define EK_HAVE_X86_VARIANTS 1
 
+#if defined(__clang__)  // clang has no `#pragma GCC target`: the same target as a function attribute
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#endif
 namespace eclip_kernels {
 namespace cpu {
 namespace isa_avx2 {
@@ -46,10 +51,18 @@ namespace isa_avx2 {
 }  // namespace isa_avx2
 }  // namespace cpu
 }  // namespace eclip_kernels
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
+#if defined(__clang__)  // clang has no `#pragma GCC target`: the same target as a function attribute
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#endif
 namespace eclip_kernels {
 namespace cpu {
 namespace isa_avx512 {
@@ -64,7 +77,11 @@ namespace isa_avx512 {
 }  // namespace isa_avx512
 }  // namespace cpu
 }  // namespace eclip_kernels
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 #endif
 
 namespace eclip_kernels {

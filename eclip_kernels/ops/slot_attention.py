@@ -3,7 +3,8 @@
 Two operator pairs share one schema and one autograd formula (SPEC section 2):
 
 * ``eclip_kernels::slot_attention_fwd`` / ``slot_attention_bwd`` — schemas in ``csrc/ops.cpp``, kernels
-  in C++ per dispatch key (CPU now; CUDA later). Present only when ``eclip_kernels._C`` is loaded.
+  in C++ per dispatch key (CPU: csrc/cpu; CUDA: csrc/cuda, experimental until verified on a GPU). Present
+  only when ``eclip_kernels._C`` is loaded (the CUDA kernel only in builds with the CUDA sources).
 * ``eclip_kernels::slot_attention_fwd_triton`` / ``slot_attention_bwd_triton`` — defined here, kernels in
   ``eclip_kernels/triton/slot_attention.py``; ``torch.library.triton_op`` where torch has it (torch.compile
   traces into the launcher and sees the kernels). The Triton backward takes ``output_mask``
