@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 from eclip._deps import TRAIN, require
+from eclip.eval.report import mean_std
 
 # row -> model overrides on top of the demo-recipe preset's
 ROWS = {
@@ -43,17 +43,6 @@ QUICK = {"products": 48, "warmup_steps": 2, "steps": 2, "batch": 16}
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
-
-
-def mean_std(values: list) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the present values (std None for fewer than 2)."""
-    present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not present:
-        return None, None
-    mean = sum(present) / len(present)
-    if len(present) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in present) / (len(present) - 1))
 
 
 def table(per_row: dict[str, list[dict]]) -> dict[str, dict[str, list]]:

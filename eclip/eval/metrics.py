@@ -135,6 +135,15 @@ def expected_recall_at_k(scores: torch.Tensor, relevant: torch.Tensor,
     return out
 
 
+def _chance_inputs(num_relevant, gallery, ks) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The checked ks and the (Q,) float64 relevant counts and gallery sizes (an int broadcasts to all)."""
+    ks = _check_ks(ks)
+    num_relevant = torch.as_tensor(num_relevant, dtype=torch.float64).reshape(-1)
+    gallery = torch.as_tensor(gallery, dtype=torch.float64).reshape(-1)
+    num_relevant, gallery = torch.broadcast_tensors(num_relevant, gallery)
+    return ks, num_relevant, gallery
+
+
 def chance_recall_at_k(num_relevant, gallery, ks: Iterable[int] = (1, 5, 10)) -> dict[int, float]:
     """The expected Recall@k of a random ranking: the mean over queries of 1 - C(G - R, k) / C(G, k).
 
@@ -142,10 +151,7 @@ def chance_recall_at_k(num_relevant, gallery, ks: Iterable[int] = (1, 5, 10)) ->
         num_relevant: (Q,) relevant items R of each query (or one int for all).
         gallery: (Q,) gallery size G of each query (or one int).
     """
-    ks = _check_ks(ks)
-    num_relevant = torch.as_tensor(num_relevant, dtype=torch.float64).reshape(-1)
-    gallery = torch.as_tensor(gallery, dtype=torch.float64).reshape(-1)
-    num_relevant, gallery = torch.broadcast_tensors(num_relevant, gallery)
+    ks, num_relevant, gallery = _chance_inputs(num_relevant, gallery, ks)
     if num_relevant.numel() == 0:
         return {k: math.nan for k in ks}
     zeros = torch.zeros_like(gallery)
@@ -160,10 +166,7 @@ def chance_map_at_k(num_relevant, gallery, ks: Iterable[int] = (1, 5, 10)) -> di
     E[AP@k] = sum_{i <= min(k, G)} (R / (G i)) (1 + (i - 1)(R - 1) / (G - 1)) / min(k, R); queries with R = 0
     count 0.
     """
-    ks = _check_ks(ks)
-    num_relevant = torch.as_tensor(num_relevant, dtype=torch.float64).reshape(-1)
-    gallery = torch.as_tensor(gallery, dtype=torch.float64).reshape(-1)
-    num_relevant, gallery = torch.broadcast_tensors(num_relevant, gallery)
+    ks, num_relevant, gallery = _chance_inputs(num_relevant, gallery, ks)
     if num_relevant.numel() == 0:
         return {k: math.nan for k in ks}
     out = {}

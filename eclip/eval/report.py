@@ -79,7 +79,9 @@ def _label(task: str, method: str) -> str:
 
 # --- runs -------------------------------------------------------------------------------------------------
 
-def _mean_std(values: list):
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the present values (None and NaN left out; std None for fewer
+    than 2)."""
     present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not present:
         return None, None
@@ -94,7 +96,7 @@ def _aggregate_rows(tables: list[dict]) -> tuple[dict, dict]:
     for method in tables[0].get("rows", {}):
         rows[method], std[method] = {}, {}
         for column in tables[0]["rows"][method]:
-            mean, spread = _mean_std([t["rows"].get(method, {}).get(column) for t in tables])
+            mean, spread = mean_std([t["rows"].get(method, {}).get(column) for t in tables])
             rows[method][column], std[method][column] = mean, spread
     return rows, std
 
@@ -114,7 +116,7 @@ def aggregate(runs: list[dict]) -> dict:
     out["diagnostics"]["rows"], out["diagnostics"]["std"] = _aggregate_rows([r["diagnostics"] for r in runs])
     out["summary"], out["summary_std"] = {}, {}
     for key in runs[0]["summary"]:
-        out["summary"][key], out["summary_std"][key] = _mean_std([r["summary"][key] for r in runs])
+        out["summary"][key], out["summary_std"][key] = mean_std([r["summary"][key] for r in runs])
     out["settings"]["seed"] = [r["settings"]["seed"] for r in runs]
     return out
 
