@@ -13,7 +13,12 @@ per row from that warm-up, all with the same data, steps, seed and optimizer:
 * ``all``: ECLIP with every loss (the demo's ECLIP).
 
 Each model is evaluated with the zero-shot protocol (docs/evaluation.md); the tables give mean ± std over
-the seeds of each headline number (the summary keys of ``eclip.eval.report``), with the chance row. A run
+the seeds of each headline number (the summary keys of ``eclip.eval.report``), with the chance row.
+
+The second table is the analogue of the paper's Table 6: the ``all`` models evaluated again with other
+negative prompts for the decoder (:func:`eclip.eval.features.negative_prompt_set`): N(0, I) (the protocol's
+default, the first table's ``all`` row), the texts of T - 1 training products, and the mean prompt of the
+training texts (a fixed set, the analogue of the paper's moving average of the queries). A run
 whose evaluation is already on disk is not redone, and a training run that was interrupted resumes from its
 last checkpoint, so the command can be stopped and started again. Several hours on 2 cores at the default
 sizes (about 6 minutes per row and seed, after a 5-minute warm-up per seed).
@@ -29,6 +34,8 @@ import time
 
 from eclip._deps import TRAIN, require
 from eclip.eval.report import mean_std
+
+NEGATIVES = {"noise": "N(0, I) (default)", "texts": "other products' texts", "mean": "mean training prompt (fixed)"}
 
 # row -> model overrides on top of the demo-recipe preset's
 ROWS = {
@@ -58,13 +65,14 @@ def table(per_row: dict[str, list[dict]]) -> dict[str, dict[str, list]]:
     return out
 
 
-def markdown(aggregated: dict[str, dict[str, list]], seeds: list[int]) -> str:
+def markdown(aggregated: dict[str, dict[str, list]], seeds: list[int], title: str | None = None) -> str:
     """The ablation table: one line per row, mean ± std over the seeds of each headline number (%)."""
     from eclip.eval.report import SUMMARY_KEYS
 
     keys = [k for k in SUMMARY_KEYS if not k.startswith("chance_")]
-    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))} (%); each model by its own method "
-             "(instance features and decoder maps with a decoder, global features and patch-text maps without).",
+    title = title or ("each model by its own method (instance features and decoder maps with a decoder, global "
+                      "features and patch-text maps without).")
+    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))} (%); {title}",
              "", "| row | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
 
     def cell(v):
@@ -82,6 +90,12 @@ def markdown(aggregated: dict[str, dict[str, list]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def _write(path: str, result: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump({"summary": result["summary"], "summary_methods": result["summary_methods"], "results": result}, f)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="eclip-reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +108,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--negatives", nargs="*", default=list(NEGATIVES), choices=list(NEGATIVES),
+                        help="negative prompt sets of the second table (the 'all' models; default: all of "
+                             f"{list(NEGATIVES)}; none: no second table)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a tiny check of the pipeline ({QUICK}); its numbers mean nothing")
     args = parser.parse_args(argv)
@@ -102,6 +119,7 @@ def main(argv=None) -> int:
         args.products, args.warmup_steps, args.steps, args.batch = (QUICK[k] for k in ("products", "warmup_steps",
                                                                                         "steps", "batch"))
     from eclip.data.manifest import read_manifest, split
+    from eclip.eval.features import negative_prompt_set
     from eclip.eval.zero_shot import evaluate, read_product_info
     from eclip.train import preset, train
     from eclip.train.trainer import load_trained, manifest_path
@@ -115,9 +133,11 @@ def main(argv=None) -> int:
         generate_catalogue(args.data, args.products, 3, 64, 0, **({"workers": 1} if args.quick else {}))
     products = read_manifest(manifest_path(args.data))
     info = read_product_info(manifest_path(args.data))
-    _, heldout = split(products, 0.1)
+    training, heldout = split(products, 0.1)
     recipe = preset("demo-recipe")
     per_row: dict[str, list[dict]] = {row: [] for row in args.rows}
+    negatives = args.negatives if "all" in args.rows else []
+    per_negatives: dict[str, list[dict]] = {NEGATIVES[kind]: [] for kind in negatives}
     for seed in args.seeds:
         common = {"data": args.data, "seed": seed, **({"micro_batch": args.batch} if args.batch else {})}
         warmup = None
@@ -143,17 +163,33 @@ def main(argv=None) -> int:
             model = load_trained(cfg)
             result = evaluate(model, heldout, em.tokenizer_for(model), model.config.image_size, seed=seed,
                               product_info=info)
-            with open(done + ".tmp", "w") as f:
-                json.dump({"summary": result["summary"], "summary_methods": result["summary_methods"],
-                           "results": result}, f)
-            os.replace(done + ".tmp", done)
+            _write(done, result)
             per_row[row].append(result["summary"])
             print("   " + ", ".join(f"{k} {v:.2f}" for k, v in result["summary"].items() if v is not None))
+        for kind in negatives:
+            out = os.path.join(args.out, f"seed{seed}", _slug("all"))
+            done = os.path.join(out, "evaluation.json" if kind == "noise" else f"evaluation-negatives-{kind}.json")
+            if not os.path.isfile(done):
+                cfg = preset("demo-recipe", {**common, "out": out, "max_steps": args.steps,
+                                             "model_overrides": {**recipe.model_overrides, **ROWS["all"]}})
+                model = load_trained(cfg)
+                tokenizer = em.tokenizer_for(model)
+                prompts = negative_prompt_set(kind, model, tokenizer, [p.text for p in training], seed=seed)
+                print(f"== seed {seed}, all, negative prompts: {NEGATIVES[kind]}")
+                _write(done, evaluate(model, heldout, tokenizer, model.config.image_size, seed=seed,
+                                      product_info=info, negative_prompts=prompts))
+            with open(done) as f:
+                per_negatives[NEGATIVES[kind]].append(json.load(f)["summary"])
     aggregated = table(per_row)
     text = markdown(aggregated, args.seeds)
+    aggregated_negatives = table(per_negatives) if negatives else {}
+    if negatives:
+        text += "\n\n" + markdown(aggregated_negatives, args.seeds,
+                                   "the 'all' models with each set of negative prompts for the decoder (Table 6).")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"seeds": args.seeds, "rows": aggregated, "per_seed": per_row,
+                   "negatives": aggregated_negatives, "negatives_per_seed": per_negatives,
                    "settings": {"warmup_steps": args.warmup_steps, "steps": args.steps, "batch": args.batch,
                                 "quick": args.quick, "catalogue": args.data}}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:

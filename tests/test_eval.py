@@ -355,3 +355,70 @@ def test_main_reports_input_errors(tmp_path, catalogue, capsys):
     assert Z.main(["--catalogue", catalogue, "--all", "--class-prompts", "photo"]) == 2
     with pytest.raises(SystemExit):
         Z.main(["--catalogue", catalogue, "--all", "--heldout-fraction", "0.5"])
+
+
+def test_negative_prompt_sets_are_the_decoders_negatives(catalogue, tiny):
+    """Table 6: 'texts' are the prompts of T - 1 given texts, 'mean' their mean repeated; the adapter decodes
+    with exactly the given set (equal to decoding by hand), and a wrong shape or a non-ECLIP model is refused."""
+    import math
+
+    from eclip.eval.features import ECLIPFeatures, negative_prompt_set
+    from eclip.models.decoder import InstanceDecoder
+
+    model, tokenizer = tiny
+    cfg = model.config
+    model.eval()  # as the evaluation runs it (no dropout); the fixture's model is left in eval mode
+    texts = [f"product number {i} in red" for i in range(12)]
+    assert negative_prompt_set("noise", model, tokenizer, texts) is None
+    chosen = negative_prompt_set("texts", model, tokenizer, texts, seed=3)
+    assert chosen.shape == (cfg.num_queries - 1, cfg.embed_dim)
+    assert torch.allclose(chosen.norm(dim=-1), torch.full((cfg.num_queries - 1,), math.sqrt(cfg.embed_dim)))
+    with torch.no_grad():
+        ids, mask = tokenizer(texts)
+        every = model._prompt(model.towers.encode_text(ids, mask)).float()
+    # each chosen prompt is one of the texts' prompts, all distinct, and the draw follows the seed
+    match = torch.cdist(chosen, every).argmin(dim=1)
+    assert torch.allclose(chosen, every[match], atol=1e-5) and len(set(match.tolist())) == cfg.num_queries - 1
+    assert not torch.equal(chosen, negative_prompt_set("texts", model, tokenizer, texts, seed=4))
+    mean = negative_prompt_set("mean", model, tokenizer, texts, batch_size=5)
+    assert torch.allclose(mean, every.mean(dim=0).expand_as(mean), atol=1e-5)
+
+    fx = ECLIPFeatures(model, negative_prompts=chosen)
+    default = ECLIPFeatures(model, seed=0)
+    pixels = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        state, prompt = fx.images(pixels)["state"], fx.texts(ids[:2], mask[:2])["state"]
+        features, _ = fx.decode(state, prompt)
+        prompts = torch.cat([prompt[:, None], chosen[None].expand(2, -1, -1)], dim=1)
+        types = torch.full(prompts.shape[:2], InstanceDecoder.TEXT, dtype=torch.long)
+        by_hand = torch.nn.functional.normalize(model.towers.decode(state, prompts, types).hidden[:, 0], dim=-1)
+        assert torch.allclose(features, by_hand, atol=1e-5)
+        assert not torch.allclose(features, default.decode(state, prompt)[0], atol=1e-3)
+
+    with pytest.raises(ValueError, match=r"shape \(T - 1, D\)"):
+        ECLIPFeatures(model, negative_prompts=chosen[:-1])
+    with pytest.raises(ValueError, match="one of"):
+        negative_prompt_set("ema", model, tokenizer, texts)
+    with pytest.raises(ValueError, match="at least T - 1"):
+        negative_prompt_set("texts", model, tokenizer, texts[:2])
+    with pytest.raises(ValueError, match="needs an eclip.models.ECLIP"):
+        from eclip.eval.features import adapter_for
+
+        adapter_for(object(), negative_prompts=chosen)
+    results = Z.evaluate(model, read_manifest(catalogue), tokenizer, cfg.image_size, batch_size=4,
+                         negative_prompts=mean)
+    assert results["settings"]["negative_prompts"] == "given"
+
+
+def test_main_negative_prompt_sets(catalogue, tmp_path, capsys):
+    out = str(tmp_path / "n.json")
+    assert Z.main(["--catalogue", catalogue, "--heldout-fraction", "0.5", "--negatives", "mean", "--json", out]) == 0
+    capsys.readouterr()
+    with open(out) as f:
+        saved = json.load(f)
+    assert saved["settings"]["negatives"] == "mean" and saved["settings"]["negative_prompts"] == "given"
+    assert Z.main(["--catalogue", catalogue, "--all", "--negatives", "texts"]) == 2
+    assert "needs products that are not evaluated" in capsys.readouterr().err
+    # 'texts' needs T - 1 = 7 other products; this catalogue has fewer
+    assert Z.main(["--catalogue", catalogue, "--heldout-fraction", "0.5", "--negatives", "texts"]) == 2
+    assert "at least T - 1" in capsys.readouterr().err

@@ -35,6 +35,12 @@ def test_quick_reproduction_writes_the_ablation_table_and_resumes(tmp_path, caps
                                                       "entropy": 1.0}
     table = open(os.path.join(out, "results.md")).read()
     assert "| all |" in table and "| chance |" in table and " ± " in table
+    # Table 6: the 'all' models with each set of negative prompts; N(0, I) is the first table's 'all' row
+    assert list(results["negatives"]) == list(reproduce.NEGATIVES.values())
+    assert results["negatives"][reproduce.NEGATIVES["noise"]] == results["rows"]["all"]
+    assert results["negatives"][reproduce.NEGATIVES["texts"]]["fine_r1"][2] == 2
+    assert "(Table 6)" in table and "| other products' texts |" in table
+    assert os.path.isfile(os.path.join(out, "seed1", "all", "evaluation-negatives-mean.json"))
 
     capsys.readouterr()
     trained = []
@@ -42,6 +48,7 @@ def test_quick_reproduction_writes_the_ablation_table_and_resumes(tmp_path, caps
     assert reproduce.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("evaluated before") == 2 * len(reproduce.ROWS)
+    assert "negative prompts:" not in printed  # the Table 6 evaluations are on disk too
     again = json.load(open(os.path.join(out, "results.json")))
     assert again["rows"] == results["rows"]
 

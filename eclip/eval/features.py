@@ -9,7 +9,9 @@ Two adapters give the same interface:
   gallery images) without re-encoding it. The T - 1 negative prompts of the decoder are ONE fixed draw from
   N(0, I) for the whole evaluation (seeded), so an instance feature is a deterministic function of
   (image, prompt); the draw equals the one :meth:`eclip.models.ECLIP.instance_features` makes for a
-  one-image batch with ``generator=torch.Generator().manual_seed(seed)``.
+  one-image batch with ``generator=torch.Generator().manual_seed(seed)``. ``negative_prompts`` replaces the
+  draw by a given (T - 1, D) set (:func:`negative_prompt_set`: other products' texts, or the mean prompt of
+  the training texts), for the paper's Table 6 ablation.
 * :class:`TransferAPIFeatures` for anything else with the transfer API (``encode_image``, ``encode_text``,
   ``instance_features``, ``grounding_map``; optionally ``encode_patches`` and ``scale``): test doubles,
   other models. It calls the model's methods on image tensors and token ids, so it is slower.
@@ -46,11 +48,15 @@ def _is_eclip(model) -> bool:
     return isinstance(model, ECLIP)
 
 
-def adapter_for(model, *, seed: int = 0, device="cpu"):
+def adapter_for(model, *, seed: int = 0, device="cpu", negative_prompts: torch.Tensor | None = None):
     """The feature adapter of ``model``: :class:`ECLIPFeatures` for an ECLIP model, else
-    :class:`TransferAPIFeatures`."""
-    cls = ECLIPFeatures if _is_eclip(model) else TransferAPIFeatures
-    return cls(model, seed=seed, device=device)
+    :class:`TransferAPIFeatures` (which draws its own negatives: ``negative_prompts`` must be None)."""
+    if _is_eclip(model):
+        return ECLIPFeatures(model, seed=seed, device=device, negative_prompts=negative_prompts)
+    if negative_prompts is not None:
+        raise ValueError("negative_prompts needs an eclip.models.ECLIP model; a model with only the transfer API "
+                         "draws its own negative prompts")
+    return TransferAPIFeatures(model, seed=seed, device=device)
 
 
 def upsample_grid(values: torch.Tensor, grid: int, size: int) -> torch.Tensor:
@@ -71,7 +77,7 @@ class ECLIPFeatures:
       as in the model's transfer API), its output h_0^L and its last-block attention over the patches.
     """
 
-    def __init__(self, model, *, seed: int = 0, device="cpu"):
+    def __init__(self, model, *, seed: int = 0, device="cpu", negative_prompts: torch.Tensor | None = None):
         self.model, self.device = model, torch.device(device)
         cfg = model.config
         self.grid = cfg.image_size // cfg.patch_size
@@ -81,8 +87,17 @@ class ECLIPFeatures:
         self.has_patches = True
         self.has_attention = self.has_decoder
         self.logit_scale = float(model.scale().detach().float().reshape(-1)[0])
-        generator = torch.Generator().manual_seed(seed)
-        self.noise = torch.randn((1, cfg.num_queries - 1, cfg.embed_dim), generator=generator)
+        if negative_prompts is None:
+            generator = torch.Generator().manual_seed(seed)
+            self.noise = torch.randn((1, cfg.num_queries - 1, cfg.embed_dim), generator=generator)
+        else:
+            expected = (cfg.num_queries - 1, cfg.embed_dim)
+            if tuple(negative_prompts.shape) != expected:
+                raise ValueError(f"negative_prompts must have shape (T - 1, D) = {expected}, got "
+                                 f"{tuple(negative_prompts.shape)}")
+            if not torch.isfinite(negative_prompts).all():
+                raise ValueError("negative_prompts must be finite")
+            self.noise = negative_prompts.detach().float().cpu()[None]
 
     def images(self, pixels: torch.Tensor) -> dict:
         """(B, 3, S, S) -> global (B, D), patches (B, N, D), state (B, N, W): the patch tokens."""
@@ -184,3 +199,49 @@ class TransferAPIFeatures:
             self.has_decoder = False
             return None
         return maps.float().cpu()
+
+
+NEGATIVE_SETS = ("noise", "texts", "mean")
+
+
+def negative_prompt_set(kind: str, model, tokenizer, texts, *, seed: int = 0, batch_size: int = 64,
+                        device="cpu") -> torch.Tensor | None:
+    """The T - 1 negative prompts of the decoder at evaluation (the paper's Table 6 ablation), (T - 1, D) in
+    the decoder's prompt space (:meth:`eclip.models.ECLIP._prompt` of a g_T embedding), or None for the
+    default.
+
+    * ``"noise"``: None, i.e. the default draw from N(0, I) (paper section 3.4);
+    * ``"texts"``: the texts of T - 1 products drawn at random (``seed``) from ``texts``, encoded by the text
+      encoder (the paper's "description text from other products"); pass texts of products that are not
+      evaluated (the training split), so that no query's own text is among its negatives;
+    * ``"mean"``: the mean prompt of all of ``texts``, repeated T - 1 times: a fixed set, the analogue at the
+      end of training of the paper's "exponential moving average of queries on the whole dataset".
+    """
+    if kind not in NEGATIVE_SETS:
+        raise ValueError(f"negative prompt set must be one of {NEGATIVE_SETS}, got {kind!r}")
+    if kind == "noise":
+        return None
+    if not _is_eclip(model):
+        raise ValueError("negative prompt sets other than 'noise' need an eclip.models.ECLIP model")
+    slots = model.config.num_queries - 1
+    texts = list(texts)
+    if kind == "texts":
+        if len(texts) < slots:
+            raise ValueError(f"'texts' negatives need at least T - 1 = {slots} texts, got {len(texts)}")
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:slots]
+        texts = [texts[i] for i in order.tolist()]
+    elif not texts:
+        raise ValueError("'mean' negatives need at least one text")
+    was_training = model.training
+    model.eval()
+    prompts = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                ids, mask = tokenizer(texts[start:start + batch_size])
+                raw = model.towers.encode_text(ids.to(device), mask.to(device))
+                prompts.append(model._prompt(raw).float().cpu())
+    finally:
+        model.train(was_training)
+    prompts = torch.cat(prompts)
+    return prompts if kind == "texts" else prompts.mean(dim=0, keepdim=True).expand(slots, -1).clone()

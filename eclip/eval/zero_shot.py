@@ -59,7 +59,7 @@ import torch
 from torch.nn import functional as F
 
 from . import metrics, report
-from .features import adapter_for, upsample_grid
+from .features import adapter_for, negative_prompt_set, upsample_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -295,7 +295,8 @@ def _task(title, n, columns, rows, chance, noise=None, **extra):
 
 def evaluate(model, products, tokenizer, image_size: int, *, batch_size: int = 64, seed: int = 0, device="cpu",
              class_prompts="category", num_decoys: int = NUM_DECOYS, product_info: dict | None = None,
-             query_source: str = QUERY_SOURCE, gallery_source: str = GALLERY_SOURCE, pair_batch: int = 8192) -> dict:
+             query_source: str = QUERY_SOURCE, gallery_source: str = GALLERY_SOURCE, pair_batch: int = 8192,
+             negative_prompts: torch.Tensor | None = None) -> dict:
     """Run every zero-shot task on ``products`` (a list of :class:`eclip.data.manifest.Product`).
 
     Args:
@@ -310,6 +311,8 @@ def evaluate(model, products, tokenizer, image_size: int, *, batch_size: int = 6
             categories of each image's distractors; None: no family and same-category tasks.
         query_source, gallery_source: the image sources of fine-grained retrieval.
         pair_batch: (query, gallery) pairs decoded per call in cross-prompt retrieval.
+        negative_prompts: (T - 1, D) negative prompts of the decoder instead of the seeded N(0, I) draw
+            (:func:`eclip.eval.features.negative_prompt_set`); ECLIP models only.
 
     Returns:
         ``{"catalogue", "settings", "tasks", "diagnostics", "summary", "summary_methods"}``; each task has
@@ -323,16 +326,16 @@ def evaluate(model, products, tokenizer, image_size: int, *, batch_size: int = 6
     try:
         with torch.no_grad():
             return _evaluate(model, products, tokenizer, image_size, batch_size, seed, device, templates,
-                             num_decoys, product_info, query_source, gallery_source, pair_batch)
+                             num_decoys, product_info, query_source, gallery_source, pair_batch, negative_prompts)
     finally:
         if was_training and hasattr(model, "train"):
             model.train(was_training)
 
 
 def _evaluate(model, products, tokenizer, image_size, batch_size, seed, device, templates, num_decoys,
-              product_info, query_source, gallery_source, pair_batch):
+              product_info, query_source, gallery_source, pair_batch, negative_prompts=None):
     cat = _Catalogue(products, image_size, seed, num_decoys, product_info)
-    fx = adapter_for(model, seed=seed, device=device)
+    fx = adapter_for(model, seed=seed, device=device, negative_prompts=negative_prompts)
     entries, num_images = cat.entries, len(cat.entries)
     scale = fx.logit_scale
 
@@ -382,7 +385,9 @@ def _evaluate(model, products, tokenizer, image_size, batch_size, seed, device, 
         "settings": {"image_size": image_size, "seed": seed, "class_prompts": list(templates),
                      "decoy_boxes": num_decoys, "query_source": query_source,
                      "gallery_source": gallery_source, "logit_scale": scale,
-                     "features": type(fx).__name__, "instance_decoder": bool(fx.has_decoder and own_inst is not None),
+                     "features": type(fx).__name__,
+                     "negative_prompts": "N(0, I)" if negative_prompts is None else "given",
+                     "instance_decoder": bool(fx.has_decoder and own_inst is not None),
                      "product_info": product_info is not None},
         "tasks": tasks,
         "diagnostics": diagnostics,
@@ -635,6 +640,10 @@ def _parser() -> argparse.ArgumentParser:
                              f"(default {NUM_DECOYS})")
     parser.add_argument("--query-source", default=QUERY_SOURCE, help="fine-grained retrieval queries (customer)")
     parser.add_argument("--gallery-source", default=GALLERY_SOURCE, help="fine-grained retrieval gallery (merchant)")
+    parser.add_argument("--negatives", default="noise", choices=("noise", "texts", "mean"),
+                        help="the decoder's negative prompts: 'noise' N(0, I) (default, paper section 3.4), 'texts' "
+                             "the texts of T - 1 products that are not evaluated, 'mean' the mean prompt of the "
+                             "texts of the products that are not evaluated (paper Table 6)")
     parser.add_argument("--verbose", action="store_true", help="also print the attention diagnostics")
     return parser
 
@@ -682,11 +691,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ManifestError) as exc:
         print(f"eclip-eval: cannot read the catalogue: {exc}", file=sys.stderr)
         return 2
+    others = []  # products that are not evaluated: the source of the 'texts' and 'mean' negative prompts
     if not args.all:
         if not 0.0 < args.heldout_fraction <= 1.0:
             print("eclip-eval: --heldout-fraction must be in (0, 1]", file=sys.stderr)
             return 2
-        products = split(products, args.heldout_fraction)[1]
+        others, products = split(products, args.heldout_fraction)
+    if args.negatives != "noise" and not others:
+        print(f"eclip-eval: --negatives {args.negatives} needs products that are not evaluated (not with --all "
+              "or --heldout-fraction 1)", file=sys.stderr)
+        return 2
     if not products:
         print("eclip-eval: no product to evaluate (the held-out split is empty; try --all or a larger "
               "--heldout-fraction)", file=sys.stderr)
@@ -715,15 +729,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"eclip-eval: {exc}", file=sys.stderr)
                 return 2
             model.to(device)
+            try:
+                negatives = negative_prompt_set(args.negatives, model, tokenizer, [p.text for p in others],
+                                                seed=seed, batch_size=args.batch_size, device=device)
+            except ValueError as exc:
+                print(f"eclip-eval: {exc}", file=sys.stderr)
+                return 2
             runs.append(evaluate(model, products, tokenizer, model.config.image_size, batch_size=args.batch_size,
                                  seed=seed, device=device, class_prompts=args.class_prompts,
                                  num_decoys=args.decoys, product_info=info,
-                                 query_source=args.query_source, gallery_source=args.gallery_source))
+                                 query_source=args.query_source, gallery_source=args.gallery_source,
+                                 negative_prompts=negatives))
     results = report.aggregate(runs)
     split_name = "all products" if args.all else f"held-out split {args.heldout_fraction:g}"
     weights = ", ".join(args.checkpoint) if args.checkpoint else "random init"
     results["settings"].update(model=args.model, checkpoints=args.checkpoint, catalogue=args.catalogue,
-                               split=split_name, seeds=args.seeds)
+                               split=split_name, seeds=args.seeds, negatives=args.negatives)
     print(report.format_results(results, f"ECLIP zero-shot: {args.model} ({weights}), {split_name}",
                                 verbose=args.verbose))
     if args.json:
