@@ -1,5 +1,5 @@
-"""Module cases shared by the module benchmarks: eclip_kernels.nn.SlotAttention against the PyPI
-slot-attention module (same weights, same initial slots)."""
+"""Module cases shared by the module benchmarks: eclip_kernels.nn.SlotAttention and MultiHeadSlotAttention
+against the PyPI slot-attention modules (same weights, same initial slots)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from eclip_kernels.nn import SlotAttention
+from eclip_kernels.nn import MultiHeadSlotAttention, SlotAttention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,34 +19,45 @@ class ModuleShape:
     dim: int
     iters: int
     device: str
+    heads: int | None = None  # None: SlotAttention; else MultiHeadSlotAttention with this many heads
+    dim_head: int | None = None
 
     def describe(self) -> str:
-        return f"B={self.batch} N={self.tokens} slots={self.slots} dim={self.dim} iters={self.iters}"
+        heads = "" if self.heads is None else f" heads={self.heads} dim_head={self.dim_head}"
+        return f"B={self.batch} N={self.tokens} slots={self.slots} dim={self.dim}{heads} iters={self.iters}"
 
 
 MODULE_SHAPES = {
     "object-centric-cpu": ModuleShape("object-centric-cpu", 32, 1024, 7, 64, 3, "cpu"),
     "object-centric-gpu": ModuleShape("object-centric-gpu", 64, 4096, 11, 256, 3, "cuda"),
+    # the same shapes with 4 heads of dim / 4 features (q, k, v as wide as in the single-head rows)
+    "object-centric-cpu-4heads": ModuleShape("object-centric-cpu-4heads", 32, 1024, 7, 64, 3, "cpu", 4, 16),
+    "object-centric-gpu-4heads": ModuleShape("object-centric-gpu-4heads", 64, 4096, 11, 256, 3, "cuda", 4, 64),
 }
 
 
-def pypi_slot_attention():
-    """The PyPI module class, or None when slot-attention is not installed."""
+def pypi_slot_attention(multi_head: bool = False):
+    """The PyPI module class (SlotAttention, or MultiHeadSlotAttention), or None when slot-attention is not
+    installed."""
     try:
-        from slot_attention import SlotAttention as PyPISlotAttention
+        import slot_attention
     except ImportError:
         return None
-    return PyPISlotAttention
+    return slot_attention.MultiHeadSlotAttention if multi_head else slot_attention.SlotAttention
 
 
 def make_modules(shape: ModuleShape, seed: int = 0) -> dict:
     """{"eclip_kernels": ours, "slot-attention (PyPI)": theirs} with identical weights."""
+    kwargs = {"iters": shape.iters}
+    if shape.heads is not None:
+        kwargs.update(heads=shape.heads, dim_head=shape.dim_head)
     torch.manual_seed(seed)
-    ours = SlotAttention(shape.slots, shape.dim, iters=shape.iters).to(shape.device)
+    ours_cls = SlotAttention if shape.heads is None else MultiHeadSlotAttention
+    ours = ours_cls(shape.slots, shape.dim, **kwargs).to(shape.device)
     modules = {"eclip_kernels": ours}
-    cls = pypi_slot_attention()
+    cls = pypi_slot_attention(multi_head=shape.heads is not None)
     if cls is not None:
-        theirs = cls(shape.slots, shape.dim, iters=shape.iters).to(shape.device)
+        theirs = cls(shape.slots, shape.dim, **kwargs).to(shape.device)
         theirs.load_state_dict(ours.state_dict())
         modules["slot-attention (PyPI)"] = theirs
     return modules

@@ -1,7 +1,10 @@
-"""eclip_kernels.nn.SlotAttention against the PyPI slot-attention module: forward+backward time and the
-memory autograd keeps for backward, side by side in one process.
+"""eclip_kernels.nn.SlotAttention and MultiHeadSlotAttention against the PyPI slot-attention modules:
+forward+backward time and the memory autograd keeps for backward, side by side in one process.
 
-    python bench/slot_attention_module_table.py --threads 2            # CPU object-centric shape
+    python bench/slot_attention_module_table.py --threads 2            # CPU object-centric shapes
+    python bench/slot_attention_module_table.py --shapes object-centric-cpu-4heads --threads 2
+    python bench/slot_attention_module_table.py --shapes object-centric-cpu-4heads --batch 2 --tokens 64 \
+        --repeats 1 --iters 1 --out /tmp/smoke.json                    # a smoke run of the script
 
 Times are the median over --repeats of the median of --iters calls, the modules interleaved. Prints a
 Markdown table and writes JSON (device, versions, every sample) to bench/results/.
@@ -10,6 +13,7 @@ Markdown table and writes JSON (device, versions, every sample) to bench/results
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -30,6 +34,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=None, help="override B of every shape (smoke runs)")
+    parser.add_argument("--tokens", type=int, default=None, help="override N of every shape (smoke runs)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -39,6 +45,8 @@ def main() -> None:
     results = []
     for name in names:
         shape = MODULE_SHAPES[name]
+        overrides = {"batch": args.batch, "tokens": args.tokens}
+        shape = dataclasses.replace(shape, **{k: v for k, v in overrides.items() if v is not None})
         modules = make_modules(shape)
         inputs, grad = make_inputs(shape)
         for module in modules.values():

@@ -1,6 +1,6 @@
-"""pytest-benchmark suite: forward+backward of eclip_kernels.nn.SlotAttention against the PyPI
-slot-attention module at the object-centric shapes that fit this machine; the memory autograd keeps for
-backward is recorded in extra_info.
+"""pytest-benchmark suite: forward+backward of eclip_kernels.nn.SlotAttention and MultiHeadSlotAttention
+(4 heads) against the PyPI slot-attention modules at the object-centric shapes that fit this machine; the
+memory autograd keeps for backward is recorded in extra_info.
 
     python -m pytest bench/test_bench_modules.py --benchmark-only
 """

@@ -1,5 +1,5 @@
-"""The attention step shared by the modules: the op, in float32 where the backend would not accumulate
-float16/bfloat16 inputs in float32 by itself."""
+"""What the modules share: the attention step (the op, in float32 where the backend would not accumulate
+float16/bfloat16 inputs in float32 by itself), the initial-slot draw and the checks of their arguments."""
 
 from __future__ import annotations
 
@@ -63,3 +63,46 @@ def check_positive_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
+
+
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+
+
+def draw_slots(mu: torch.Tensor, logsigma: torch.Tensor, batch: int, num_slots: int, device, dtype) -> torch.Tensor:
+    """``mu + exp(logsigma) * randn`` of shape (batch, num_slots, dim), mu and logsigma (1, 1, dim): one draw
+    of ``randn`` from the global RNG, in ``dtype`` on ``device`` (the draw of the PyPI slot-attention modules)."""
+    mu = mu.expand(batch, num_slots, -1)
+    sigma = logsigma.exp().expand(batch, num_slots, -1)
+    return mu + sigma * torch.randn(mu.shape, device=device, dtype=dtype)
+
+
+def check_slots(slots, inputs: torch.Tensor, num_slots: int | None) -> None:
+    """A clear error unless the given initial ``slots`` are a floating (B, num_slots, dim) tensor on the
+    device of ``inputs`` (B, N, dim), with ``num_slots`` slots when that is given too."""
+    batch, _, dim = inputs.shape
+    expected = f"(B, num_slots, {dim}) with B={batch}" + ("" if num_slots is None else f", num_slots={num_slots}")
+    if not isinstance(slots, torch.Tensor):
+        raise TypeError(f"slots must be a tensor of shape {expected}, got {type(slots).__name__}")
+    if slots.dim() != 3 or slots.shape[0] != batch or slots.shape[2] != dim or slots.shape[1] == 0 or (
+            num_slots is not None and slots.shape[1] != num_slots):
+        raise ValueError(f"slots must have shape {expected}, got {tuple(slots.shape)}")
+    if not slots.is_floating_point():
+        raise TypeError(f"slots must be a floating-point tensor, got {slots.dtype}")
+    if slots.device != inputs.device:
+        raise ValueError(f"inputs and slots are on different devices: {inputs.device} and {slots.device}")
+
+
+def check_mask(mask, inputs: torch.Tensor) -> None:
+    """A clear error unless ``mask`` is a bool (B, N) tensor on the device of ``inputs`` (B, N, dim)."""
+    batch, tokens = inputs.shape[:2]
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool tensor of shape (B, N) = ({batch}, {tokens}) or None, "
+                        f"got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = valid token), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, tokens):
+        raise ValueError(f"mask must have shape (B, N) = ({batch}, {tokens}), got {tuple(mask.shape)}")
+    if mask.device != inputs.device:
+        raise ValueError(f"inputs and mask are on different devices: {inputs.device} and {mask.device}")

@@ -7,7 +7,8 @@ import contextlib
 import torch
 from torch import nn
 
-from ._attention import attend, attention_weights, check_positive_int, check_tokens
+from ._attention import (attend, attention_weights, check_eps, check_positive_int, check_slots, check_tokens,
+                         draw_slots)
 
 
 class SlotAttention(nn.Module):
@@ -43,8 +44,7 @@ class SlotAttention(nn.Module):
         check_positive_int("dim", dim)
         check_positive_int("iters", iters, minimum=0)
         check_positive_int("hidden_dim", hidden_dim)
-        if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        check_eps(eps)
         self.dim = dim
         self.num_slots = num_slots
         self.iters = iters
@@ -68,9 +68,7 @@ class SlotAttention(nn.Module):
 
     def initial_slots(self, batch: int, num_slots: int, device, dtype) -> torch.Tensor:
         """``mu + exp(logsigma) * randn`` of shape (batch, num_slots, dim): one draw from the global RNG."""
-        mu = self.slots_mu.expand(batch, num_slots, -1)
-        sigma = self.slots_logsigma.exp().expand(batch, num_slots, -1)
-        return mu + sigma * torch.randn(mu.shape, device=device, dtype=dtype)
+        return draw_slots(self.slots_mu, self.slots_logsigma, batch, num_slots, device, dtype)
 
     def forward(self, inputs: torch.Tensor, num_slots: int | None = None, *, mask: torch.Tensor | None = None,
                 slots: torch.Tensor | None = None, return_attn: bool = False, implicit_grad: bool = False):
@@ -99,9 +97,8 @@ class SlotAttention(nn.Module):
         if slots is None:
             n_slots = self.num_slots if num_slots is None else num_slots
             slots = self.initial_slots(batch, n_slots, inputs.device, inputs.dtype)
-        elif slots.dim() != 3 or slots.shape[0] != batch or slots.shape[2] != dim or (
-                num_slots is not None and slots.shape[1] != num_slots):
-            raise ValueError(f"slots must have shape (B, num_slots, {dim}) with B={batch}, got {tuple(slots.shape)}")
+        else:
+            check_slots(slots, inputs, num_slots)
 
         inputs = self.norm_input(inputs)
         k, v = self.to_k(inputs), self.to_v(inputs)
