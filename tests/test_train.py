@@ -1,5 +1,5 @@
-"""The trainer: a short run, exact resumption, FSDP2 over 2 gloo ranks against 1 process, batch arithmetic
-and the a100x32 dry runs."""
+"""The trainer: a short run, exact resumption (also with the data preloaded to the device), FSDP2 over 2 gloo
+ranks against 1 process, batch arithmetic and the a100x32 dry runs."""
 
 from __future__ import annotations
 
@@ -72,6 +72,24 @@ def test_resumed_run_matches_the_uninterrupted_run(catalogue, tmp_path):
     assert all(redone[s] == uninterrupted[s] for s in redone)
 
 
+def test_preloaded_run_resumes_exactly_across_an_epoch(catalogue, tmp_path, capsys):
+    """The data preloaded to the device (preload=True): 73 training products, batch 8, so 9 steps per epoch;
+    killed after step 11 and resumed from the checkpoint of step 10 (epoch 1, its second step), the run ends
+    with the uninterrupted run's weights and logs its losses."""
+    whole = _cfg(catalogue, tmp_path / "whole", max_steps=12, checkpoint_every=5, preload=True)
+    train(whole, progress=False)
+    assert "data preloaded to cpu: 146 images of 73 products" in capsys.readouterr().out
+    killed = _cfg(catalogue, tmp_path / "killed", max_steps=12, checkpoint_every=5, preload=True)
+    train(killed, stop_after=11, progress=False)
+    train(killed, resume=True, progress=False)
+    a, b = _params(whole), _params(killed)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    redone = {r["step"]: r["loss"] for r in _metrics(tmp_path / "killed") if r["step"] > 10}
+    uninterrupted = {r["step"]: r["loss"] for r in _metrics(tmp_path / "whole")}
+    assert sorted(redone) == [11, 12] and all(redone[s] == uninterrupted[s] for s in redone)
+
+
 def test_batch_arithmetic_and_dry_runs(capsys):
     with pytest.raises(ValueError, match="global batch 6400 != micro_batch 100"):
         train_cli(["--preset", "a100x32-vit-b16", "--dry-run", "--world-size", "32", "micro_batch=100"])
@@ -133,6 +151,12 @@ def _assert_two_ranks_match_one_process(catalogue, tmp_path, single_micro_batch,
 @pytest.mark.slow
 def test_fsdp2_on_two_gloo_ranks_matches_one_process(catalogue, tmp_path):
     _assert_two_ranks_match_one_process(catalogue, tmp_path, 16, max_steps=3, checkpoint_every=3)
+
+
+@pytest.mark.slow
+def test_preloaded_data_on_two_gloo_ranks_matches_one_process(catalogue, tmp_path):
+    # each rank takes its slice of the sampler's order; the crops and pairs are drawn per product and epoch
+    _assert_two_ranks_match_one_process(catalogue, tmp_path, 16, max_steps=3, checkpoint_every=3, preload=True)
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ PAPER_PARAMS_M = {"eclip-vit-b16": 220, "eclip-vit-l16": 450}
 
 
 def create(name: str, **overrides) -> ECLIP:
-    """Build a preset ("eclip-vit-b16", "eclip-vit-l16", "eclip-tiny") with ECLIPConfig fields overridden.
+    """Build a preset ("eclip-vit-b16", "eclip-vit-l16", "eclip-tiny", "eclip-small") with ECLIPConfig fields
+    overridden.
 
     Weights are initialized from scratch: nothing is downloaded. Under ``with torch.device("meta"):`` it
     builds without memory (for counting parameters).
@@ -32,7 +33,7 @@ def count_parameters(model: ECLIP) -> int:
 
 def tokenizer_for(model_or_config, vocab_file: str | None = None) -> TextTokenizer:
     """The WordPiece tokenizer of a model: ``vocab_file`` (a BERT vocab.txt or folder), or the vocabulary
-    the preset ships (eclip-tiny)."""
+    the preset ships (eclip-tiny and eclip-small)."""
     cfg = model_or_config.config if isinstance(model_or_config, ECLIP) else model_or_config
     path = vocab_file or cfg.vocab_file
     if path is None:

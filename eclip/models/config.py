@@ -82,6 +82,15 @@ PRESETS: dict[str, dict] = {
         embed_dim=64, decoder_depth=2, num_queries=8, decoder_heads=2, decoder_mlp=128, queue_size=64,
         vocab_file=TINY_VOCAB,
     ),
+    # the demo recipe at a larger scale, for one GPU (docs/gpu-recipe.md): 112 px with patch 8, the paper's 196
+    # image tokens; a 6-block ViT of width 192, a 4-layer BERT of width 128, D = 128; 4.2M parameters without
+    # the momentum copy. eclip-tiny's vocabulary (the synthetic catalogue's words), shipped with the package.
+    "eclip-small": dict(
+        image_size=112, patch_size=8, vision_width=192, vision_depth=6, vision_heads=3,
+        vocab_size=253, text_width=128, text_depth=4, text_heads=2, text_mlp=512, max_text_len=32,
+        embed_dim=128, decoder_depth=2, num_queries=8, decoder_heads=4, decoder_mlp=512, queue_size=128,
+        vocab_file=TINY_VOCAB,
+    ),
 }
 
 

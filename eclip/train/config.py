@@ -54,6 +54,11 @@ class TrainConfig:
     # weight decay on every parameter (True), or only on matrices (False: no decay on norms, biases, position
     # and type embeddings, the decoder's query embeddings and the logit scale, as CLIP and ViT recipes do)
     decay_all: bool = False
+    # decode every training image once into a uint8 tensor on the training device and make each batch there
+    # (pair choice as the dataset's, random resized crop and flip drawn and resampled on the device), instead
+    # of a DataLoader over PIL: for GPUs, where the loader would be the bottleneck (eclip.data.preload,
+    # docs/gpu-recipe.md). Needs crop="random_resized"; workers = threads that decode the images once.
+    preload: bool = False
 
 
 PRESETS: dict[str, dict] = {
@@ -66,6 +71,13 @@ PRESETS: dict[str, dict] = {
     # baseline from that warm-up (init_from) for the same steps.
     "demo-recipe": dict(model="eclip-tiny", micro_batch=64, lr=1e-3, weight_decay=0.05, warmup_steps=100,
                         checkpoint_every=250, log_every=25, model_overrides=dict(patch_size=8, queue_size=128)),
+    # The demo recipe at a larger scale on one GPU (docs/gpu-recipe.md; `eclip-demo --scale gpu`): eclip-small
+    # (112 px, patch 8: the paper's 196 image tokens, 4.2M parameters) with the demo recipe's batch, learning
+    # rate, warmup, weight decay and queue, the data preloaded to the device. fp32: in one process the trainer
+    # does not use `precision` (it is FSDP2's mixed precision), and at batch 64 the estimated host time per
+    # step is about as large as the matrix products'. eclip-demo --scale gpu sets the steps.
+    "h100-recipe": dict(model="eclip-small", micro_batch=64, lr=1e-3, weight_decay=0.05, warmup_steps=100,
+                        checkpoint_every=1000, log_every=50, preload=True, model_overrides=dict(queue_size=128)),
     # The paper's ViT-B recipe: 200 per GPU x 32 A100s = 6400, bf16, 15 epochs, AdamW 1e-4 with warmup.
     # Layout: hybrid sharding, parameters sharded within a node of 8 GPUs and replicated across the 4 nodes:
     # 221M parameters in fp32 with AdamW need ~3.5 GB of state, 0.45 GB per GPU sharded 8 ways, so sharding

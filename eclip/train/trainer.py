@@ -19,6 +19,10 @@ Determinism: every random draw of step s on rank r comes from a generator seeded
 the data order of epoch e from (seed, e): a run resumed from a checkpoint continues exactly as the
 uninterrupted run would (same world size, ``workers=0``). A checkpoint saved on W ranks loads on any number
 of ranks (the data order then changes with the sampler's split).
+
+Preloaded data (``preload=True``, :mod:`eclip.data.preload`): every training image is decoded once onto the
+device and each micro-batch is made there, in the sampler's order; the image pairs, crops and flips of an
+epoch are drawn per product from (seed, epoch), so they are the same on every rank and after a resumption.
 """
 
 from __future__ import annotations
@@ -303,8 +307,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     tokenizer = em.tokenizer_for(model)
     if cfg.init_from is not None:
         start_from(model, cfg.init_from, announce=rank == 0)
-    dataset = ProductDataset(train_products, model.config.image_size, train=True, seed=cfg.seed, product_index=index,
-                             crop=cfg.crop)
+    if cfg.preload:
+        dataset = _preload(cfg, train_products, model.config.image_size, tokenizer, device, index, rank)
+    else:
+        dataset = ProductDataset(train_products, model.config.image_size, train=True, seed=cfg.seed,
+                                 product_index=index, crop=cfg.crop)
     per_epoch = len(dataset) // (cfg.micro_batch * world) // cfg.grad_accum
     if per_epoch == 0:
         raise ValueError(f"{len(dataset)} training products are fewer than one global batch of {global_batch}")
@@ -351,6 +358,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 
     def batches_from(step: int):
         epoch, offset = divmod(step, per_epoch)
+        if cfg.preload:
+            yield from _preloaded_batches(dataset, sampler, cfg, per_epoch, epoch, offset)
+            return
         while True:
             sampler.set_epoch(epoch)
             indices = list(sampler)[offset * cfg.grad_accum * cfg.micro_batch:]
@@ -361,6 +371,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
             epoch, offset = epoch + 1, 0
 
     skipped: collections.Counter = collections.Counter()
+    if cfg.preload and rank == 0:  # counted once: every rank loads the same products
+        skipped.update({f"preload_{k}": v for k, v in dataset.report.items()})
     history: list[dict] = []
     log_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     board = None
@@ -460,6 +472,33 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
             print(f"data skipped or handled during training (all ranks): {report}")
     _barrier()  # the ranks leave together: none tears its process group down while another still uses it
     return history
+
+
+def _preload(cfg: TrainConfig, products, image_size: int, tokenizer, device: torch.device, index: dict, rank: int):
+    """The training products decoded once onto the device (``TrainConfig.preload``), announced in one line."""
+    from eclip.data.preload import PreloadedProducts
+
+    if cfg.crop != "random_resized":
+        raise ValueError(f"preload=True makes the paper's random resized crop on the device; crop={cfg.crop!r} is "
+                         "only made by the PIL path: set preload=False to use it")
+    data = PreloadedProducts(products, image_size, tokenizer=tokenizer, device=device, seed=cfg.seed,
+                             product_index=index, threads=cfg.workers or None)
+    if rank == 0:
+        print(data.describe())
+    return data
+
+
+def _preloaded_batches(data, sampler, cfg: TrainConfig, per_epoch: int, epoch: int, offset: int):
+    """Micro-batches of preloaded data from step ``offset`` of ``epoch`` on: the products in the sampler's
+    order (each rank its own slice, as the DataLoader path), exactly ``per_epoch x grad_accum`` micro-batches
+    per epoch, so that a step's data depends only on (seed, step, rank) and resumption is exact."""
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        plan = data.epoch_plan(epoch)
+        for m in range(offset * cfg.grad_accum, per_epoch * cfg.grad_accum):
+            yield data.batch(order[m * cfg.micro_batch:(m + 1) * cfg.micro_batch], plan)
+        epoch, offset = epoch + 1, 0
 
 
 def full_state_dict(model) -> dict:
