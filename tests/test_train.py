@@ -72,6 +72,26 @@ def test_resumed_run_matches_the_uninterrupted_run(catalogue, tmp_path):
     assert all(redone[s] == uninterrupted[s] for s in redone)
 
 
+def test_every_epoch_draws_new_pairs_and_crops_and_has_exactly_its_micro_batches(catalogue, tmp_path, monkeypatch):
+    """72 training products, micro-batch 8, grad_accum 2: 4 steps (8 micro-batches, 64 samples) per epoch. Five
+    steps must read 64 samples drawn with epoch 0 (the 9th micro-batch of the epoch is not carried into the
+    next, which a resumed run would not see) and then 16 drawn with epoch 1 (a new pair and crop per product)."""
+    from eclip.data.dataset import ProductDataset
+
+    read = []
+    original = ProductDataset.__getitem__
+
+    def recording(self, i):
+        read.append(self.epoch)
+        return original(self, i)
+
+    monkeypatch.setattr(ProductDataset, "__getitem__", recording)
+    cfg = _cfg(catalogue, tmp_path / "epochs", max_steps=5, grad_accum=2, checkpoint_every=100,
+               model_overrides={"use_decoder": False, "queue_size": 0})
+    train(cfg, progress=False)
+    assert read == [0] * 64 + [1] * 16
+
+
 def test_preloaded_run_resumes_exactly_across_an_epoch(catalogue, tmp_path, capsys):
     """The data preloaded to the device (preload=True): 73 training products, batch 8, so 9 steps per epoch;
     killed after step 11 and resumed from the checkpoint of step 10 (epoch 1, its second step), the run ends

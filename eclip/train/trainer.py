@@ -363,7 +363,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
             return
         while True:
             sampler.set_epoch(epoch)
-            indices = list(sampler)[offset * cfg.grad_accum * cfg.micro_batch:]
+            # a new draw of each product's image pair and crops every epoch (drawn from (seed, epoch, product)),
+            # and exactly per_epoch x grad_accum micro-batches per epoch, so that a step's data depends only on
+            # (seed, step, rank) and a resumed run sees what the uninterrupted one saw
+            dataset.epoch = epoch
+            indices = list(sampler)[offset * cfg.grad_accum * cfg.micro_batch:per_epoch * cfg.grad_accum * cfg.micro_batch]
             loader = torch.utils.data.DataLoader(
                 torch.utils.data.Subset(dataset, indices), batch_size=cfg.micro_batch, num_workers=cfg.workers,
                 collate_fn=collate, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed + epoch))
