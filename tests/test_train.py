@@ -57,6 +57,13 @@ def test_short_run_logs_every_loss_and_checkpoints(catalogue, tmp_path):
         train(cfg, progress=False)
 
 
+def test_precision_that_one_process_cannot_honour_is_refused(catalogue, tmp_path):
+    with pytest.raises(ValueError, match="FSDP2's mixed precision"):
+        train(_cfg(catalogue, tmp_path / "bf16", precision="bf16"), progress=False)
+    with pytest.raises(ValueError, match="'fp32' or 'bf16'"):
+        train(_cfg(catalogue, tmp_path / "fp16", precision="fp16"), progress=False)
+
+
 def test_resumed_run_matches_the_uninterrupted_run(catalogue, tmp_path):
     whole = _cfg(catalogue, tmp_path / "whole", max_steps=6, checkpoint_every=3)
     train(whole, progress=False)

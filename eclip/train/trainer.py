@@ -295,6 +295,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 
     rank, world = _dist_env()
     global_batch = check_batch(cfg, world)
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+    if cfg.precision == "bf16" and world == 1:  # said, not silently trained in fp32
+        raise ValueError("precision='bf16' is FSDP2's mixed precision (bf16 parameters, fp32 gradient reduction), "
+                         "which applies across ranks; one process trains in fp32: set precision=fp32, or launch "
+                         "with torchrun on several ranks")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     if cfg.data is None:
         raise ValueError("no data: pass --data (a catalogue folder or manifest); `eclip-data synth` makes one")
