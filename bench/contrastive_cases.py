@@ -1,4 +1,4 @@
-"""The clip_loss variants shared by the contrastive benchmarks."""
+"""The clip_loss and siglip_loss variants shared by the contrastive benchmarks."""
 
 from __future__ import annotations
 
@@ -43,3 +43,23 @@ def make_loss_fn(variant: str, image, text, scale):
         return lambda: (cal_flash_loss(image, text, scale=scale, head_dim=head).mean()
                         + cal_flash_loss(text, image, scale=scale, head_dim=head).mean()) / 2
     return lambda: ek.clip_loss(image, text, scale, backend=variant)
+
+
+def make_siglip_features(batch: int, dim: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    """L2-normalized (batch, dim) image and text features (leaves requiring grad), and open_clip's SigLIP
+    initialization of the logit scale and bias (exp(log 10) = 10 and -10) as leaves."""
+    image, text, _ = make_features(batch, dim, dtype, device, seed)
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    return image, text, scale, bias
+
+
+def make_siglip_loss_fn(variant: str, image, text, scale, bias):
+    """A no-argument callable returning the sigmoid loss: "open_clip" (SigLipLoss, one process) or an
+    eclip_kernels backend."""
+    if variant == "open_clip":
+        from open_clip.loss import SigLipLoss
+
+        loss_module = SigLipLoss()
+        return lambda: loss_module(image, text, scale, bias)
+    return lambda: ek.siglip_loss(image, text, scale, bias, backend=variant)

@@ -1,6 +1,6 @@
-"""pytest-benchmark suite: clip_loss forward+backward of every usable backend against open_clip's ClipLoss
-(B = 8192, D = 512 on the CPU; 6400 / 65536 with bf16 features on a GPU). Peak memory is measured by
-bench/contrastive_table.py, in fresh processes.
+"""pytest-benchmark suite: clip_loss and siglip_loss forward+backward of every usable backend against open_clip's
+ClipLoss and SigLipLoss (B = 8192, D = 512 on the CPU; 6400 / 65536 with bf16 features on a GPU). Peak memory is
+measured by bench/contrastive_table.py and bench/siglip_table.py, in fresh processes.
 
     python -m pytest bench/test_bench_contrastive.py --benchmark-only
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 import eclip_kernels as ek
 from cases import sync
-from contrastive_cases import make_features, make_loss_fn
+from contrastive_cases import make_features, make_loss_fn, make_siglip_features, make_siglip_loss_fn
 
 SHAPES = [("cpu", 8192, 512, torch.float32)]
 if torch.cuda.is_available():
@@ -46,4 +46,18 @@ def test_clip_loss(benchmark, device, batch, dim, dtype, variant):
         sync(device)
 
     benchmark.group = f"clip_loss {device} B={batch} D={dim} {str(dtype).replace('torch.', '')}"
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("device, batch, dim, dtype, variant", PARAMS)
+def test_siglip_loss(benchmark, device, batch, dim, dtype, variant):
+    image, text, scale, bias = make_siglip_features(batch, dim, dtype, device)
+    loss_fn = make_siglip_loss_fn(variant, image, text, scale, bias)
+
+    def run():
+        loss_fn().backward()
+        image.grad = text.grad = scale.grad = bias.grad = None
+        sync(device)
+
+    benchmark.group = f"siglip_loss {device} B={batch} D={dim} {str(dtype).replace('torch.', '')}"
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)

@@ -11,7 +11,7 @@ from . import nn, ops  # noqa: F401  (ops registers fake kernels and autograd of
 from ._extension import ExtensionLoadWarning
 from .backends import BackendFallbackWarning, BackendStatus, available_backends
 from .functional import entropy_regularizer, slot_attention, slot_attention_weights
-from .losses import clip_loss, info_nce
+from .losses import clip_loss, info_nce, siglip_loss
 from .queue import MomentumQueue
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "entropy_regularizer",
     "info_nce",
     "nn",
+    "siglip_loss",
     "slot_attention",
     "slot_attention_weights",
 ]

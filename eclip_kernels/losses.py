@@ -1,5 +1,5 @@
-"""Contrastive losses (ECLIP Eq. 6-8): input checks, backend choice, the distributed gather, documentation.
-The math is in docs/contrastive.md."""
+"""Contrastive losses (ECLIP Eq. 6-8, and SigLIP's sigmoid loss): input checks, backend choice, the distributed
+gather, documentation. The math is in docs/contrastive.md."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from . import reference
 from .backends import resolve_call
 from .functional import _autocast_dtype, _promote_under_autocast
 from .ops.contrastive import OPS
+from .ops.siglip import OPS as SIGLIP_OPS
 
 
 @torch.compiler.assume_constant_result
@@ -68,15 +69,16 @@ def _check_ids(name: str, ids, length: int, device: torch.device) -> None:
         raise ValueError(f"{name} is on {ids.device}, the features on {device}")
 
 
-def _scale_tensor(logit_scale, device: torch.device) -> torch.Tensor:
-    """logit_scale as a 0-d float tensor on the features' device (differentiable when it requires grad)."""
-    if isinstance(logit_scale, torch.Tensor):
-        if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
-            raise ValueError(f"logit_scale must be a float or a 1-element floating tensor, got {logit_scale!r:.60}")
-        return logit_scale.reshape(()).to(device)
-    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
-        return torch.tensor(float(logit_scale), device=device)
-    raise TypeError(f"logit_scale must be a float or a 1-element tensor, got {type(logit_scale).__name__}")
+def _scale_tensor(value, device: torch.device, name: str = "logit_scale") -> torch.Tensor:
+    """logit_scale (or logit_bias) as a 0-d float tensor on the features' device (differentiable when it
+    requires grad)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a float or a 1-element floating tensor, got {value!r:.60}")
+        return value.reshape(()).to(device)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), device=device)
+    raise TypeError(f"{name} must be a float or a 1-element tensor, got {type(value).__name__}")
 
 
 def _row_counts(rows: int, group, device: torch.device) -> list[int]:
@@ -333,3 +335,99 @@ def info_nce(
         else:
             total = OPS[chosen]["rows_fwd"](query, positive, negatives, scale, query_ids, negative_ids)[0]
     return total / query.shape[0]
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor | None,
+    *,
+    ids: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sigmoid image-text loss (SigLIP, Zhai et al. 2023) without the B x B logits; open_clip's ``SigLipLoss``.
+
+    ``loss = -(1/B) sum_i sum_j log sigmoid(l_ij (s <x_i, y_j> + b))`` over every image i and text j, with
+    ``l_ij = +1`` for the positive pairs and -1 for every other pair; B is the number of images of this
+    process (open_clip normalizes by its local batch size, not by the number of pairs). ``s = logit_scale``
+    is the multiplier, already exponentiated, and ``b = logit_bias`` is added as it is: open_clip's models
+    return ``logit_scale.exp()`` and the raw ``logit_bias`` (initialized to log 10 and -10 for SigLIP), and
+    ``SigLipLoss()(image, text, logit_scale, logit_bias)`` takes them so; pass them the same way here.
+    Features are L2-normalized by the caller.
+
+    Fused backends hold no (B, B) logits: tiles of logits, the loss summed tile by tile, tiles recomputed in
+    backward (the sigmoid loss needs no log-sum-exp, so nothing but the features is saved); memory O(B D).
+    Accumulation in float32 (float64 for float64 features).
+
+    Args:
+        image_features: (B, D) image embeddings of this process.
+        text_features: (B, D) text embeddings, same dtype and device; without ids, row i is the positive of
+            image i.
+        logit_scale: float or 1-element tensor (differentiable), the multiplier s (not its log).
+        logit_bias: float, 1-element tensor (differentiable) or None (no bias).
+        ids: optional (B,) integer product ids: every pair (i, j) with ``ids[i] == ids[j]`` is a positive (a
+            catalogue holds several images and titles of one product), every other pair a negative. None:
+            the diagonal pairs (i, i) are the positives.
+        group: a process group for the global batch, as open_clip's ``SigLipLoss(rank=r, world_size=W)``:
+            each rank's images are scored against the texts of every rank; the other ranks' texts (and ids)
+            are all-gathered with autograd (``torch.distributed.nn``), so a text's gradient from every rank's
+            loss reaches the rank that holds it (open_clip exchanges them around a ring with the same
+            result). Positives: without ids, only the rank's own diagonal (as open_clip's ``negative_only``
+            blocks); with ids, every pair of equal ids in the global batch. Each rank returns its loss sum
+            divided by its own B_r, open_clip's normalization. Ranks may hold different numbers of rows, zero
+            included (a rank without rows returns 0 and still takes part in every collective, forward and
+            backward); weighted by ``w_r = B_r / B_total`` (:func:`row_share`) the losses add up to the
+            single-process loss of the concatenated batch, and backward of ``w_r loss_r`` on every rank gives
+            each rank exactly the single-process gradients of its rows (logit_scale and logit_bias gradients
+            add up over ranks). Under DDP/FSDP backpropagate ``world_size * w_r * loss_r``: with equal B_r,
+            ``loss_r`` itself, open_clip's semantics (feature gradients world_size x the single-process ones).
+            One all_gather of the row counts (read on the host) and one of the texts (and one of the ids).
+            None (default): the batch of this process only.
+        backend: "auto", "cpu", "cuda", "triton" or "reference" (materializes the logits; the test oracle), as
+            for :func:`clip_loss`; under ``torch.autocast`` the features are taken in the autocast dtype, as
+            there.
+
+    Returns:
+        The scalar loss, float32 (float64 for float64 features; outside autocast, the dtype of the features
+        for ``reference``).
+    """
+    image_features, text_features = _promote_under_autocast(image_features, text_features)
+    _check_features([("image_features", image_features), ("text_features", text_features)])
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image_features and text_features must have the same shape (B, D), got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    batch, device = image_features.shape[0], image_features.device
+    world = dist.get_world_size(group) if group is not None else 1
+    if batch == 0 and world == 1:
+        raise ValueError("siglip_loss needs at least one sample")
+    _check_ids("ids", ids, batch, device)
+    scale = _scale_tensor(logit_scale, device)
+    bias = torch.zeros((), device=device) if logit_bias is None else _scale_tensor(logit_bias, device, "logit_bias")
+    autocast = _autocast_dtype(device)
+    chosen, dtype = _resolve(backend, device, image_features.dtype, autocast)
+    image_features, text_features = _inputs((image_features, text_features), dtype, chosen, autocast)
+
+    all_texts, all_ids, offset = text_features, ids, 0
+    if world > 1:
+        # the other ranks' texts, any number of rows each: counts first, then one (differentiable) gather
+        counts = _row_counts(batch, group, device)
+        if sum(counts) == 0:
+            raise ValueError("siglip_loss needs at least one sample on some rank of the group")
+        (all_texts,) = _gather_rows(text_features, counts, group)
+        offset = sum(counts[:dist.get_rank(group)])
+        if ids is not None:
+            (all_ids,) = _gather_rows(ids, counts, group)
+        if batch == 0:
+            return _empty_loss(scale + bias, _loss_dtype(image_features.dtype, chosen), all_texts, image_features,
+                               text_features)
+    with _no_autocast(device, autocast):
+        if chosen == "reference":
+            total = reference.siglip_loss_sum(image_features, all_texts, scale.to(image_features.dtype),
+                                              bias.to(image_features.dtype), ids, all_ids, offset)
+        else:
+            total = SIGLIP_OPS[chosen]["siglip_fwd"](image_features, all_texts, scale, bias, ids, all_ids, offset)
+    return total / batch

@@ -98,3 +98,32 @@ def contrastive_rows(
     if query_ids is not None and key_ids is not None:
         logits = logits.masked_fill(query_ids[:, None] == key_ids[None, :], float("-inf"))
     return (torch.logsumexp(torch.cat([pos, logits], dim=1), dim=1) - pos[:, 0]).sum()
+
+
+def siglip_positive(rows: int, cols: int, image_ids: torch.Tensor | None, text_ids: torch.Tensor | None,
+                    offset: int, device: torch.device) -> torch.Tensor:
+    """(rows, cols) bool: the positive pairs of the sigmoid loss. With ids, the pairs of equal ids; without,
+    text ``j`` is the positive of image ``i`` when ``j == i + offset`` (``offset`` is the global index of this
+    rank's first row; 0 in one process: the diagonal)."""
+    if image_ids is not None and text_ids is not None:
+        return image_ids[:, None] == text_ids[None, :]
+    r = torch.arange(rows, device=device) + offset
+    return r[:, None] == torch.arange(cols, device=device)[None, :]
+
+
+def siglip_loss_sum(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    image_ids: torch.Tensor | None,
+    text_ids: torch.Tensor | None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Sum over every (image i, text j) pair of ``-log sigmoid(l_ij (s <x_i, y_j> + b))`` (SigLIP),
+    materializing the (B, N) logits; ``l_ij`` is +1 for the positives of :func:`siglip_positive`, -1 otherwise.
+    The caller divides by the number of images (open_clip's ``SigLipLoss`` normalization)."""
+    logits = logit_scale * image @ text.T + logit_bias
+    positive = siglip_positive(image.shape[0], text.shape[0], image_ids, text_ids, offset, image.device)
+    signed = torch.where(positive, logits, -logits)
+    return -F.logsigmoid(signed).sum()

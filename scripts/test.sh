@@ -18,8 +18,9 @@ for isa in avx2 generic; do
 done
 echo "== Triton kernels, TRITON_INTERPRET=1 (with the property-based suite, HYPOTHESIS_PROFILE=interpreter)"
 HYPOTHESIS_PROFILE=interpreter TRITON_INTERPRET=1 "$PY" -m pytest tests/test_slot_attention_triton.py \
-  tests/test_contrastive_triton.py tests/test_properties_triton.py -q --hypothesis-show-statistics
+  tests/test_contrastive_triton.py tests/test_siglip_triton.py tests/test_properties_triton.py -q \
+  --hypothesis-show-statistics
 TRITON_INTERPRET=1 "$PY" -m pytest tests/test_nn_multihead.py -q -k triton  # the module on the Triton backend
 echo "== Triton kernels, TRITON_INTERPRET=1, ECLIP_KERNELS_TRITON_GEOMETRY=gpu:2"
 ECLIP_KERNELS_TRITON_GEOMETRY=gpu:2 TRITON_INTERPRET=1 "$PY" -m pytest tests/test_slot_attention_triton.py \
-  tests/test_contrastive_triton.py -q
+  tests/test_contrastive_triton.py tests/test_siglip_triton.py -q

@@ -3,7 +3,9 @@
 The strategies draw what a fixed test matrix misses: sizes of 1 and odd sizes, T from 1 to the backend's
 limit, masks with fully masked samples, eps and scale, strided and non-contiguous layouts (transposed
 storage, slices, stride-0 expansions), every dtype the backend supports; for the losses, random B and D,
-ids with many duplicates and logit scales up to open_clip's clamp (100). Forward and every gradient are
+ids with many duplicates and logit scales up to open_clip's clamp (100); for the sigmoid loss also the logit
+bias and the operator a rank runs (its rows against more texts, positives at an offset). Forward and every
+gradient are
 compared with the rules of tests/_helpers.py (float32: 1e-5 relative or at most 2x PyTorch's own float32
 error on the same inputs, whichever is larger, for ill-conditioned draws; float16 / bfloat16: at most 2x
 PyTorch's own error at that dtype plus one unit in the last place), with errors measured in units of the
@@ -186,3 +188,90 @@ def check_contrastive(case: dict, backend: str, device: str = "cpu") -> None:
         assert ours <= 2 * theirs + floor, f"output {i}: error {ours:.3g} vs PyTorch {dtype} error {theirs:.3g}"
 
 
+
+
+@st.composite
+def siglip_cases(draw, dtypes, max_rows=80, max_dim=48):
+    """The sigmoid loss: through ``siglip_loss`` (one process; ids none, few products or unique), or through
+    the registered operator as a rank runs it (``rows`` images against ``cols`` >= rows gathered texts, the
+    positives at text ``i + offset``, or of equal ids across the whole bank)."""
+    rows = draw(st.integers(1, max_rows))
+    rank = draw(st.booleans())
+    cols = draw(st.integers(rows, 2 * max_rows)) if rank else rows
+    return dict(
+        rank=rank,
+        rows=rows,
+        cols=cols,
+        offset=draw(st.integers(0, cols - rows)),
+        dim=draw(st.integers(1, max_dim)),
+        dtype=draw(st.sampled_from(dtypes)),
+        ids=draw(st.sampled_from(["none", "few_products", "unique"])),
+        scale=draw(st.sampled_from([1.0, 10.0, 100.0])),
+        bias=draw(st.sampled_from([-10.0, 0.0, 3.0])),
+        transposed=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def check_siglip(case: dict, backend: str, device: str = "cpu") -> None:
+    from eclip_kernels import reference
+    from eclip_kernels.ops.siglip import OPS
+
+    gen = torch.Generator().manual_seed(case["seed"])
+    dtype, rows, cols = case["dtype"], case["rows"], case["cols"]
+    n_products = {"none": None, "few_products": max(1, rows // 4), "unique": 10**6}[case["ids"]]
+    image, text = _unit(rows, case["dim"], gen), _unit(cols, case["dim"], gen)
+    image_ids = text_ids = None
+    if n_products is not None:
+        text_ids = torch.randint(0, n_products, (cols,), generator=gen).to(device)
+        image_ids = text_ids[case["offset"]:case["offset"] + rows] if case["rank"] else text_ids
+
+    def loss(backend_, cast):
+        if not case["rank"]:
+            return lambda i, t, s, b: ek.siglip_loss(cast(i), cast(t), cast(s), cast(b), ids=image_ids,
+                                                     backend=backend_)
+        if backend_ == "reference":
+            return lambda i, t, s, b: reference.siglip_loss_sum(cast(i), cast(t), cast(s), cast(b), image_ids,
+                                                                text_ids, case["offset"])
+        return lambda i, t, s, b: OPS[backend_]["siglip_fwd"](i, t, s, b, image_ids, text_ids, case["offset"])
+
+    def loss_and_grads4(fn, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    features = [t.to(device=device, dtype=dtype) for t in (image, text)]
+    if case["transposed"]:
+        features = [t.T.contiguous().T for t in features]
+    scalars = [torch.tensor(case["scale"], device=device), torch.tensor(case["bias"], device=device)]
+    got = loss_and_grads4(loss(backend, lambda t: t), features + scalars)
+    want = loss_and_grads4(loss("reference", lambda t: t.double()), features + scalars)
+    torch_own = loss_and_grads4(loss("reference", lambda t: t.to(dtype)), features + scalars)
+    if not all(torch.isfinite(t).all() for t in torch_own):
+        # PyTorch's own float16 computation overflows (a loss sum past 65504): its float32 computation on the
+        # same rounded inputs instead, the gradients rounded to the dtype the backend returns them in
+        torch_own = loss_and_grads4(loss("reference", lambda t: t.float()), features + scalars)
+        torch_own = torch_own[:1] + [t.to(f.dtype) for t, f in zip(torch_own[1:3], features)] + torch_own[3:]
+    floor = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, torch.finfo(dtype).eps)
+    # Errors relative to max |reference|, but never to less than the size of the terms each output sums (its
+    # condition): with G = d loss_sum / d z = -l sigmoid(-l z) (float64, from the inputs as rounded), the bias
+    # gradient sums G, the scale gradient G <x, y>, a feature gradient's row s G y; terms of both signs
+    # cancel (a positive's -sigmoid(-z) against the negatives' sigmoid(z)), and a relative error of the
+    # residue means nothing. The loss sums positive terms: plain relative error. Below float32's smallest
+    # normal / eps, an output is held in subnormals (or flushed to 0) by any float32 computation: that much is
+    # absolute noise (seen: a lone positive at z = 90, whose gradient -sigmoid(-90) = 8e-40 is 0 in float32).
+    subnormal = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps
+    x, y = (f.double().cpu() for f in features)
+    s, b = case["scale"], case["bias"]
+    raw = x @ y.T
+    z = s * raw + b
+    positive = reference.siglip_positive(rows, cols, None if image_ids is None else image_ids.cpu(),
+                                         None if text_ids is None else text_ids.cpu(), case["offset"], "cpu")
+    g = torch.sigmoid(torch.where(positive, -z, z)).abs()
+    norm = 1 if case["rank"] else rows
+    magnitudes = [subnormal + m for m in (0.0, s * g.sum(1).max().item() / norm, s * g.sum(0).max().item() / norm,
+                                          (g * raw.abs()).sum().item() / norm, g.sum().item() / norm)]
+    for i, (a, w, t, m) in enumerate(zip(got, want, torch_own, magnitudes)):
+        ours, theirs = rel_err(a, w, m), rel_err(t, w, m)
+        assert ours <= 2 * theirs + floor, f"output {i}: error {ours:.3g} vs PyTorch {dtype} error {theirs:.3g}"

@@ -143,6 +143,58 @@ def test_clip_loss_large_batch_non_contiguous(backend):
         torch.testing.assert_close(a, b)
 
 
+def _siglip_loss_and_grads(fn, image, text, scale, bias):
+    leaves = [t.detach().clone().requires_grad_() for t in (image, text, scale, bias)]
+    loss = fn(*leaves)
+    loss.backward()
+    return [loss.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_ids", [False, True], ids=["no_ids", "ids"])
+def test_siglip_loss_large_batch(backend, dtype, with_ids):
+    _needs(backend, dtype, "contrastive")
+    image, text = unit_features(CLIP_BATCH, D, dtype, seed=13, device=DEVICE)
+    ids = _clip_ids(CLIP_BATCH, seed=14) if with_ids else None
+    s, b = torch.tensor(10.0, device=DEVICE), torch.tensor(-10.0, device=DEVICE)
+
+    def loss(backend_, cast):
+        return lambda i, t, s, b: ek.siglip_loss(cast(i), cast(t), cast(s), cast(b), ids=ids, backend=backend_)
+
+    got = _siglip_loss_and_grads(loss(backend, lambda t: t), image, text, s, b)
+    want = _siglip_loss_and_grads(loss("reference", lambda t: t.double()), image, text, s, b)
+    torch_own = _siglip_loss_and_grads(loss("reference", lambda t: t.to(dtype)), image, text, s, b)
+    _check_losses(got, want, torch_own, dtype, ["loss", "d_image", "d_text", "d_scale", "d_bias"])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_siglip_loss_of_a_rank_against_a_large_gathered_batch(backend):
+    """The operator a rank runs: 512 images against 20000 gathered texts, positives at text i + 7000."""
+    from eclip_kernels import reference
+    from eclip_kernels.ops.siglip import OPS
+
+    _needs(backend, torch.float32, "contrastive")
+    (image,) = unit_features(512, D, torch.float32, seed=15, count=1, device=DEVICE)
+    (texts,) = unit_features(BANK, D, torch.float32, seed=16, count=1, device=DEVICE)
+    s, b = torch.tensor(10.0, device=DEVICE), torch.tensor(-10.0, device=DEVICE)
+    got = _siglip_loss_and_grads(lambda i, t, s, b: OPS[backend]["siglip_fwd"](i, t, s, b, None, None, 7000),
+                                 image, texts, s, b)
+    want = _siglip_loss_and_grads(lambda i, t, s, b: reference.siglip_loss_sum(
+        i.double(), t.double(), s.double(), b.double(), None, None, 7000), image, texts, s, b)
+    _check_losses(got, want, want, torch.float32, ["loss", "d_image", "d_text", "d_scale", "d_bias"])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_deterministic_siglip_loss(backend):
+    _needs(backend, torch.bfloat16, "contrastive")
+    image, text = unit_features(CLIP_BATCH, D, torch.bfloat16, seed=17, device=DEVICE)
+    ids = _clip_ids(CLIP_BATCH, seed=18)
+    s, b = torch.tensor(10.0, device=DEVICE), torch.tensor(-10.0, device=DEVICE)
+    fn = lambda i, t, s, b: ek.siglip_loss(i, t, s, b, ids=ids, backend=backend)  # noqa: E731
+    _assert_bitwise_repeats(*_deterministic_repeats(lambda: _siglip_loss_and_grads(fn, image, text, s, b)))
+
+
 BANK = 20000
 
 

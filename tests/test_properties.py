@@ -15,8 +15,10 @@ from _properties import (  # noqa: E402
     FOUND_CONTRASTIVE,
     FOUND_SLOT_ATTENTION,
     check_contrastive,
+    check_siglip,
     check_slot_attention,
     contrastive_cases,
+    siglip_cases,
     slot_attention_cases,
 )
 
@@ -33,6 +35,11 @@ def test_slot_attention_cpu(case):
 @given(contrastive_cases(dtypes=[torch.float32, torch.float64, torch.bfloat16, torch.float16]))
 def test_contrastive_cpu(case):
     check_contrastive(case, "cpu")
+
+
+@given(siglip_cases(dtypes=[torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+def test_siglip_cpu(case):
+    check_siglip(case, "cpu")
 
 
 @needs_cpu_kernels

@@ -21,8 +21,10 @@ from _properties import (  # noqa: E402
     FOUND_CONTRASTIVE,
     FOUND_SLOT_ATTENTION,
     check_contrastive,
+    check_siglip,
     check_slot_attention,
     contrastive_cases,
+    siglip_cases,
     slot_attention_cases,
 )
 
@@ -50,6 +52,11 @@ def test_slot_attention_triton(case):
 @given(contrastive_cases(dtypes=DTYPES, max_rows=40 if SMALL else 300, max_dim=24 if SMALL else 96))
 def test_contrastive_triton(case):
     check_contrastive(case, "triton", DEVICE)
+
+
+@given(siglip_cases(dtypes=DTYPES, max_rows=40 if SMALL else 300, max_dim=24 if SMALL else 96))
+def test_siglip_triton(case):
+    check_siglip(case, "triton", DEVICE)
 
 
 @pytest.mark.parametrize("name", [n for n, c in sorted(FOUND_SLOT_ATTENTION.items())

@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from eclip_kernels.triton import _launch, aot  # noqa: E402
 from eclip_kernels.triton import contrastive as ct  # noqa: E402
+from eclip_kernels.triton import siglip as sg  # noqa: E402
 from eclip_kernels.triton import slot_attention as sa  # noqa: E402
 
 H100_PROGRAMS = 2 * 132
@@ -186,6 +187,41 @@ def test_clip_loss_backward_runs_only_the_sweeps_it_needs():
     assert sweeps((False, False, True)) == [(False, True)]  # only the temperature learns
 
 
+def test_siglip_backward_runs_only_the_sweeps_it_needs():
+    a, s = meta(6400, 512), meta((), dtype=torch.float32)
+
+    def sweeps(mask):
+        return [(kw["NEED_OWN"], kw["WRITE_SB"]) for _, kw in
+                _bwd_launches(lambda: sg.siglip_loss_bwd(s, a, a, s, s, None, None, 0, output_mask=mask))]
+
+    assert sweeps((True, True, True, True)) == [(True, True), (True, False)]
+    assert sweeps((False, True, True, False)) == [(True, True)]  # frozen image tower: the text sweep only
+    assert sweeps((True, False, False, False)) == [(True, False)]
+    assert sweeps((False, False, True, True)) == [(False, True)]  # only the scale and bias learn
+    assert sweeps((False, False, False, False)) == []
+    grads = sg.siglip_loss_bwd(s, a, a, s, s, None, None, 0, output_mask=(False, True, False, True))
+    assert [tuple(g.shape) for g in grads] == [(0,), (6400, 512), (0,), ()]
+
+
+def test_siglip_of_a_rank_sweeps_each_side_with_its_own_offset():
+    """One rank's 512 images against 65536 gathered texts, positives at text i + 1536: the forward and the
+    image sweep see diag = +1536, the text sweep -1536; the scale-only sweep is one program along D."""
+    img, txt, s = meta(512, 512), meta(65536, 512), meta((), dtype=torch.float32)
+    with recorded() as launches:
+        sg.siglip_loss_fwd(img, txt, s, s, None, None, 1536)
+        sg.siglip_loss_bwd(s, img, txt, s, s, None, None, 1536)
+    diag = {name: [] for name, _, _, _ in launches}
+    for name, grid, kwargs, args in launches:
+        kernel = {"_siglip_fwd_kernel": sg._siglip_fwd_kernel, "_siglip_bwd_kernel": sg._siglip_bwd_kernel}[name]
+        diag[name].append(args[kernel.arg_names.index("diag")])
+        assert grid_size(grid) <= H100_PROGRAMS or name == "_siglip_bwd_kernel"
+    assert diag == {"_siglip_fwd_kernel": [1536], "_siglip_bwd_kernel": [1536, -1536]}
+    with recorded() as launches:
+        sg.siglip_loss_bwd(s, img, txt, s, s, None, None, 1536, output_mask=(False, False, True, True))
+    (_, grid, kwargs, _), = launches
+    assert grid[2] == 1 and not kwargs["NEED_OWN"]
+
+
 @pytest.mark.parametrize("mask", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
 def test_slot_attention_backward_compiles_out_unneeded_gradients(mask):
     q, k = meta(8, 20, 64), meta(8, 196, 64)
@@ -208,7 +244,7 @@ def test_device_guard_targets_the_tensors_device():
     assert isinstance(_launch.device_guard(torch.device("cpu")), contextlib.nullcontext)
 
 
-@pytest.mark.parametrize("module", [sa, ct])
+@pytest.mark.parametrize("module", [sa, ct, sg])
 def test_every_launch_happens_inside_the_device_guard(module, monkeypatch):
     state = {"inside": 0, "devices": []}
 
@@ -238,6 +274,10 @@ def test_every_launch_happens_inside_the_device_guard(module, monkeypatch):
             if module is sa:
                 out, ent, S, lse = sa.slot_attention_fwd(q, k, k, None, 0.2, 0.0)
                 sa.slot_attention_bwd(out, ent, q, k, k, None, out, ent, S, lse, 0.2, 0.0)
+            elif module is sg:
+                a = meta(40, 32)
+                sg.siglip_loss_fwd(a, a, s, s, None, None, 0)
+                sg.siglip_loss_bwd(s, a, a, s, s, None, None, 0)
             else:
                 a = meta(40, 32)
                 _, r, c = ct.clip_loss_fwd(a, a, s, None)
@@ -303,6 +343,46 @@ def test_compile_traces_into_the_triton_ops(monkeypatch):
     names = {name(kernel_side_table.get_kernel(n.kwargs["kernel_idx"])) for n in launched}
     assert names == {"_slot_attn_fwd_kernel", "_slot_attn_fwd_merge_kernel", "_slot_attn_bwd_kernel",
                      "_fwd_tiles_kernel", "_fwd_finalize_kernel", "_bwd_kernel"}
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op needs torch >= 2.6")
+def test_compile_traces_into_the_siglip_triton_ops(monkeypatch):
+    """The same for the sigmoid loss's operators: forward and backward become their kernel launches."""
+    from functorch.compile import aot_function, make_boxed_func
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from eclip_kernels.ops import siglip as siglip_ops
+
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    ops = siglip_ops.OPS["triton"]
+
+    def step(image, text, scale, bias, ids):
+        total = ops["siglip_fwd"](image, text, scale, bias, ids, ids, 0)
+        return (total, *ops["siglip_bwd"](total, image, text, scale, bias, None, None, 3, [True, True, True, True]))
+
+    monkeypatch.setattr(sg, "device_guard", lambda device: contextlib.nullcontext())
+    with FakeTensorMode(), _launch.override_geometry(True, H100_PROGRAMS):
+        image = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+        scale = torch.full((), 10.0, device="cuda")
+        aot_function(step, fw_compiler=capture)(image, image, scale, scale, torch.arange(32, device="cuda"))
+    (graph,) = graphs
+    targets = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "eclip_kernels" in t], targets
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    def name(kernel):  # a JITFunction, possibly behind wrappers
+        while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):
+            kernel = kernel.fn
+        return kernel.__name__
+
+    launched = [n for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    names = [name(kernel_side_table.get_kernel(n.kwargs["kernel_idx"])) for n in launched]
+    assert sorted(names) == ["_siglip_bwd_kernel", "_siglip_bwd_kernel", "_siglip_fwd_kernel"]
 
 
 # --- the ahead-of-time check itself --------------------------------------------------------------------------

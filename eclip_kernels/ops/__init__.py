@@ -1,3 +1,3 @@
 """Registered PyTorch operators (torch.library): fake kernels and autograd of every fused op."""
 
-from . import contrastive, slot_attention  # noqa: F401
+from . import contrastive, siglip, slot_attention  # noqa: F401

@@ -44,8 +44,9 @@ GEOMETRY_ENV = "ECLIP_KERNELS_TRITON_GEOMETRY"
 
 # Register ceiling of the slot-attention kernels (the PTX .maxnreg). Left unset, ptxas sometimes caps them at
 # 128 registers on its own and spills (seen at 4 and 8 warps with triton 3.6 and 3.8); 255 lets it use what
-# the kernel needs. Not set for the contrastive kernels, where it made ptxas spill instead. The ahead-of-time
-# check verifies the outcome at every headline launch.
+# the kernel needs. Not set for the contrastive kernels, where it made ptxas spill instead; set for the sigmoid
+# loss's forward, which ptxas otherwise capped at 128 registers with exact float32 products (16 bytes of
+# spills at sm_80 and sm_90). The ahead-of-time check verifies the outcome at every headline launch.
 MAXNREG = 255
 
 

@@ -3,7 +3,7 @@
     python -m eclip_kernels.triton.aot --arch 80,90 --json bench/results/triton_aot.json --check
 
 1. Capture. Each launcher (``slot_attention_fwd``/``bwd``, ``clip_loss_fwd``/``bwd``,
-   ``contrastive_rows_fwd``/``bwd``) runs on ``device="meta"`` tensors at the shapes below, under the
+   ``contrastive_rows_fwd``/``bwd``, ``siglip_loss_fwd``/``bwd``) runs on ``device="meta"`` tensors at the shapes below, under the
    geometry of the target GPU (its block sizes, 2 programs per multiprocessor: A100 108, H100 132), with
    ``JITFunction.run`` replaced by a recorder. That records the exact kernels, arguments, constexprs, warp
    counts and grids the launcher would use on that GPU, in every mode it has (masks, ids, deterministic
@@ -15,7 +15,7 @@
 
 ``--check`` fails (exit 1) on any compile error, and on any spill (stack or local memory > 0) at a
 headline case: the shapes the project is built for (SPEC section 7: eclip-b, object-centric; clip_loss at
-B = 6400 and 65536). Other cases are recorded and reported, not enforced.
+B = 6400 and 65536; siglip_loss at B = 65536). Other cases are recorded and reported, not enforced.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class SlotCase:
 @dataclasses.dataclass(frozen=True)
 class ContrastiveCase:
     name: str
-    kind: str  # "clip": the symmetric loss of one process; "rows": info_nce / each direction across ranks
+    kind: str  # "clip": the symmetric loss of one process; "rows": info_nce / each direction across ranks;
+    # "siglip": the sigmoid loss, rows images against cols texts (cols > rows: a rank against the gathered texts)
     rows: int  # B (clip) or M queries (rows)
     cols: int  # B (clip) or K keys (rows)
     dim: int
@@ -83,6 +84,11 @@ CONTRASTIVE_CASES = [
     # batch plus a 65536 queue
     ContrastiveCase("rows-200x6400", "rows", 200, 6400, 512, False),
     ContrastiveCase("rows-200x71936", "rows", 200, 6400 + 65536, 512, False),
+    # the sigmoid loss of one process, and one rank's 512 rows against 65536 gathered texts (positives at an
+    # offset)
+    ContrastiveCase("siglip-8192", "siglip", 8192, 8192, 512, False),
+    ContrastiveCase("siglip-65536", "siglip", 65536, 65536, 512, True),
+    ContrastiveCase("siglip-512x65536", "siglip", 512, 65536, 512, False),
 ]
 
 
@@ -164,9 +170,37 @@ def _slot_modes(case: SlotCase, dtype: torch.dtype):
         yield tag, run
 
 
+def _siglip_modes(case: ContrastiveCase, dtype: torch.dtype):
+    """Every launch mode of the sigmoid loss: with and without ids, and the backward's gradient subsets (a
+    frozen tower, only the scale and bias) that change the constexprs. No atomics: no deterministic mode."""
+    from . import siglip as sg
+
+    M, K, D = case.rows, case.cols, case.dim
+    scalar = _meta((), dtype=torch.float32)
+    offset = 0 if M == K else M  # a rank's rows: the second rank's positives
+    masks = {"": (True, True, True, True), "-frozen-image": (False, True, True, True),
+             "-scale-bias-only": (False, False, True, True)}
+    for with_ids in (False, True):
+        for suffix, mask in masks.items():
+            if with_ids and suffix:
+                continue
+            a, b = _meta(M, D, dtype=dtype), _meta(K, D, dtype=dtype)
+            ids_a = _meta(M, dtype=torch.int64) if with_ids else None
+            ids_b = _meta(K, dtype=torch.int64) if with_ids else None
+
+            def run(a=a, b=b, ids_a=ids_a, ids_b=ids_b, mask=mask):
+                sg.siglip_loss_fwd(a, b, scalar, scalar, ids_a, ids_b, offset)
+                sg.siglip_loss_bwd(scalar, a, b, scalar, scalar, ids_a, ids_b, offset, mask)
+
+            yield ("ids" if with_ids else "noids") + suffix, run
+
+
 def _contrastive_modes(case: ContrastiveCase, dtype: torch.dtype):
     from . import contrastive as ct
 
+    if case.kind == "siglip":
+        yield from _siglip_modes(case, dtype)
+        return
     M, K, D = case.rows, case.cols, case.dim
     scale = _meta((), dtype=torch.float32)
     f32 = torch.float32
