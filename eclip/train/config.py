@@ -73,8 +73,8 @@ PRESETS: dict[str, dict] = {
                         checkpoint_every=250, log_every=25, model_overrides=dict(patch_size=8, queue_size=128)),
     # The demo recipe at a larger scale on one GPU (docs/gpu-recipe.md; `eclip-demo --scale gpu`): eclip-small
     # (112 px, patch 8: the paper's 196 image tokens, 4.2M parameters) with the demo recipe's batch, learning
-    # rate, warmup, weight decay and queue, the data preloaded to the device. fp32: in one process the trainer
-    # does not use `precision` (it is FSDP2's mixed precision), and at batch 64 the estimated host time per
+    # rate, warmup, weight decay and queue, the data preloaded to the device. fp32: `precision="bf16"` is FSDP2's
+    # mixed precision, refused in one process, and at batch 64 the estimated host time per
     # step is about as large as the matrix products'. eclip-demo --scale gpu sets the steps.
     "h100-recipe": dict(model="eclip-small", micro_batch=64, lr=1e-3, weight_decay=0.05, warmup_steps=100,
                         checkpoint_every=1000, log_every=50, preload=True, model_overrides=dict(queue_size=128)),
