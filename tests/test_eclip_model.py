@@ -255,3 +255,21 @@ def test_pretrained_encoders_load_from_local_files(tmp_path):
             assert torch.equal(a, b), name
         for a, b in zip(getattr(target.towers, part).parameters(), getattr(target.momentum_towers, part).parameters()):
             assert torch.equal(a, b)
+
+
+def test_detach_prompts_cuts_only_the_decoder_losses_path_through_the_prompts():
+    """With detach_prompts the entropy term (which reaches the text tower only through the prompts) gives the
+    text encoder no gradient; the losses' values are unchanged; without it the text encoder gets one."""
+    batch = _batch(_model())
+    grads = {}
+    for detach in (False, True):
+        model = _model(detach_prompts=detach)
+        torch.manual_seed(5)
+        losses = model(batch)
+        model.zero_grad()
+        losses["entropy"].backward()
+        text = [p.grad for n, p in model.named_parameters() if n.startswith("towers.text.")]
+        grads[detach] = sum(float(g.abs().sum()) for g in text if g is not None)
+        grads[f"{detach}-values"] = {k: float(v) for k, v in losses.items()}
+    assert grads[False] > 0 and grads[True] == 0
+    assert grads["False-values"] == pytest.approx(grads["True-values"])

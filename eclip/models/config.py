@@ -22,7 +22,9 @@ class ECLIPConfig:
     Training: momentum (EMA of the momentum model), queue_size (Eq. 8 negatives; 0 = off), loss_weights,
     use_decoder (False = plain CLIP baseline: only the ITC loss), backend (of the fused kernels),
     entropy_form: "paper" (Eq. 10: low entropy for the positive query, high for the T - 1 negatives) or
-    "positive" (the positive query's term only; docs/recipe.md has why it is measured).
+    "positive" (the positive query's term only; docs/recipe.md has why it is measured); detach_prompts: the
+    decoder's prompts (g_T(w_cls), g_I(v_cls)) carry no gradient of the decoder losses back into the encoders'
+    global embeddings (the paper leaves it open; docs/recipe.md has the measurement).
     """
 
     image_size: int = 224
@@ -51,6 +53,7 @@ class ECLIPConfig:
     )
     use_decoder: bool = True
     entropy_form: str = "paper"
+    detach_prompts: bool = False
     backend: str = "auto"
     vocab_file: str | None = None
 

@@ -189,6 +189,8 @@ class ECLIP(nn.Module):
         return F.normalize(embedding, dim=-1) * math.sqrt(self.config.embed_dim)
 
     def _prompts(self, text_emb, image_emb, sources, types):
+        if self.config.detach_prompts:
+            text_emb, image_emb = text_emb.detach(), image_emb.detach()
         text_prompt, image_prompt = self._prompt(text_emb), self._prompt(image_emb)
         return torch.where((types == InstanceDecoder.TEXT)[..., None], text_prompt[sources], image_prompt[sources])
 
