@@ -61,7 +61,8 @@ RESERVE_S = 25
 MIN_STAGE_S = 5
 
 TEST_FILES = ("tests/test_slot_attention_triton.py", "tests/test_contrastive_triton.py", "tests/test_siglip_triton.py",
-              "tests/test_slot_attention_cuda.py", "tests/test_gpu_large.py", "tests/test_properties_triton.py")
+              "tests/test_slot_attention_cuda.py", "tests/test_gpu_large.py", "tests/test_properties_triton.py",
+              "tests/test_nn_multihead.py")  # the last: MultiHeadSlotAttention on the Triton backend, on the GPU
 GPU_MARKED_DIR = "tests"  # every other test marked `gpu` under it runs too
 SLOT_SHAPES = ("eclip-b", "eclip-b-large-batch", "object-centric")
 CLIP_BATCHES = (6400, 65536, 262144)
