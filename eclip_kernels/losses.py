@@ -147,6 +147,25 @@ def _empty_loss(scale: torch.Tensor, dtype: torch.dtype, *tensors: torch.Tensor)
     return (scale.to(dtype) * total.to(dtype))
 
 
+def _paired_inputs(name: str, image_features, text_features, ids, group):
+    """The checks shared by the image-text losses: features (promoted under autocast) of one shape (B, D),
+    at least one row unless other ranks may hold some, ids of length B. Returns (image, text, B, device,
+    world size)."""
+    image_features, text_features = _promote_under_autocast(image_features, text_features)
+    _check_features([("image_features", image_features), ("text_features", text_features)])
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image_features and text_features must have the same shape (B, D), got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    batch, device = image_features.shape[0], image_features.device
+    world = dist.get_world_size(group) if group is not None else 1
+    if batch == 0 and world == 1:
+        raise ValueError(f"{name} needs at least one sample")
+    _check_ids("ids", ids, batch, device)
+    return image_features, text_features, batch, device, world
+
+
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -198,18 +217,8 @@ def clip_loss(
         The scalar loss, float32 (float64 for float64 features; outside autocast, the dtype of the features
         for ``reference``).
     """
-    image_features, text_features = _promote_under_autocast(image_features, text_features)
-    _check_features([("image_features", image_features), ("text_features", text_features)])
-    if image_features.shape != text_features.shape:
-        raise ValueError(
-            f"image_features and text_features must have the same shape (B, D), got "
-            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
-        )
-    batch, device = image_features.shape[0], image_features.device
-    world = dist.get_world_size(group) if group is not None else 1
-    if batch == 0 and world == 1:
-        raise ValueError("clip_loss needs at least one sample")
-    _check_ids("ids", ids, batch, device)
+    image_features, text_features, batch, device, world = _paired_inputs("clip_loss", image_features, text_features,
+                                                                         ids, group)
     scale = _scale_tensor(logit_scale, device)
     autocast = _autocast_dtype(device)
     chosen, dtype = _resolve(backend, device, image_features.dtype, autocast)
@@ -393,18 +402,8 @@ def siglip_loss(
         The scalar loss, float32 (float64 for float64 features; outside autocast, the dtype of the features
         for ``reference``).
     """
-    image_features, text_features = _promote_under_autocast(image_features, text_features)
-    _check_features([("image_features", image_features), ("text_features", text_features)])
-    if image_features.shape != text_features.shape:
-        raise ValueError(
-            f"image_features and text_features must have the same shape (B, D), got "
-            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
-        )
-    batch, device = image_features.shape[0], image_features.device
-    world = dist.get_world_size(group) if group is not None else 1
-    if batch == 0 and world == 1:
-        raise ValueError("siglip_loss needs at least one sample")
-    _check_ids("ids", ids, batch, device)
+    image_features, text_features, batch, device, world = _paired_inputs("siglip_loss", image_features, text_features,
+                                                                         ids, group)
     scale = _scale_tensor(logit_scale, device)
     bias = torch.zeros((), device=device) if logit_bias is None else _scale_tensor(logit_bias, device, "logit_bias")
     autocast = _autocast_dtype(device)
