@@ -26,7 +26,7 @@ Cost in matrix-sized passes (one pass = one M x N x D product's worth of tl.dot 
 Block sizes, warps and grids are the contrastive kernels' (``_pick_config``, ``_fwd_grid``, ``_bwd_grid``):
 the tiles and register slices are the same shapes, and ``python -m eclip_kernels.triton.aot --check`` covers
 these launches too (cases siglip-8192, siglip-65536, siglip-512x65536). The forward is launched with
-``maxnreg=MAXNREG``: left to itself ptxas held the exact-float32 forward to 128 registers and spilled. fp16 / bf16 tiles go to tl.dot in the input dtype (G, in [-1, 1], is rounded to it for the
+``maxnreg=MAXNREG`` on both kernels: left to itself ptxas held the exact-float32 forward to 128 registers and spilled, and under triton 3.6 the fp16 / bf16 backward to 64 registers with 8 bytes of stack (sm_80); the exact-float32 forward takes 64-row tiles (:func:`_pick_config`). fp16 / bf16 tiles go to tl.dot in the input dtype (G, in [-1, 1], is rounded to it for the
 second product, as the CLIP backward does) with float32 accumulators; float32 tiles follow torch's float32
 matmul precision (exact at "highest", TF32 otherwise).
 
@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._launch import MAXNREG, device_guard, dot_precision, wrap_triton
-from .contrastive import _bwd_grid, _dot_tile, _fwd_grid, _pick_config
+from .contrastive import _bwd_grid, _dot_tile, _fwd_grid, _pick_config as _contrastive_config
 
 __all__ = ["siglip_loss_fwd", "siglip_loss_bwd"]
 
@@ -237,12 +237,21 @@ def _backward(g, own, oth, scale, bias, ids_own, ids_oth, diag, need_own, write_
             own.stride(0), own.stride(1), oth.stride(0), oth.stride(1), sido, sidt,
             HAS_IDS=has_ids, NEED_OWN=need_own, WRITE_SB=write_sb, PREC=prec,
             BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=cfg.bwd_d, BLOCK_DO=cfg.bwd_do,
-            num_warps=cfg.warps_bwd,
+            num_warps=cfg.warps_bwd, maxnreg=MAXNREG,
         )
     d_own = None
     if need_own:
         d_own = (slab[0] if n_s == 1 else slab.sum(dim=0)).to(own.dtype)
     return d_own, gs, gb
+
+
+def _pick_config(D: int, dtype: torch.dtype, prec: str, device: torch.device):
+    """The contrastive kernels' tiles, with a 64-row forward tile for exact float32: at 128 rows the sigmoid
+    forward spills under triton 3.6 (24-32 bytes of stack at 255 registers, sm_80 and sm_90)."""
+    cfg = _contrastive_config(D, dtype, prec, device)
+    if cfg.fwd_m > 64 and dtype == torch.float32 and prec == "ieee":
+        cfg = cfg._replace(fwd_m=64)
+    return cfg
 
 
 def siglip_loss_fwd(image, text, logit_scale, logit_bias, image_ids, text_ids, offset):
